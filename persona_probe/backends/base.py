@@ -1,0 +1,125 @@
+"""The one small interface every backend implements.
+
+Layer convention (everywhere in persona_probe):
+    layer L   = output of decoder block L  (0-based)
+              = HF `hidden_states[L + 1]` for L < n_layers - 1 (HF's last entry is post-final-norm!)
+              = TransformerBridge `blocks.L.hook_resid_post`
+              = nnsight `model.model.layers[L].output`
+    "embed"   = input embeddings (= HF `hidden_states[0]`, TL `hook_embed`).
+
+A backend can (a) capture the residual stream at chosen layers and (b) apply interventions
+(functions resid -> resid) at chosen layers, during a forward pass and during `generate`.
+Captured values are taken *after* the interventions at that layer.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal, Union
+
+import torch
+from torch import Tensor
+
+from ..errors import PersonaProbeError
+from ..loading import ModelHandle
+
+LayerId = Union[int, str]  # int decoder layer, or "embed"
+Where = Literal["all", "response"]
+
+
+@dataclass
+class Intervention:
+    """Apply `fn` ([b, s, d] -> [b, s, d]) to the residual stream at `layer`.
+
+    where="all": every position. where="response": only positions that predict response tokens,
+    i.e. the last prompt position and every generated position (in `generate`), or the positions
+    given by `response_mask` (in `run`).
+    """
+
+    layer: LayerId
+    fn: Callable[[Tensor], Tensor]
+    where: Where = "all"
+
+
+def check_layers(layers: Sequence[LayerId], n_layers: int) -> list[LayerId]:
+    out: list[LayerId] = []
+    for L in layers:
+        if L == "embed":
+            out.append("embed")
+            continue
+        if not isinstance(L, int) or isinstance(L, bool):
+            raise PersonaProbeError(f"layer {L!r} is not an integer or 'embed'")
+        if not 0 <= L < n_layers:
+            raise PersonaProbeError(f"layer {L} out of range: this model has layers 0..{n_layers - 1} (and 'embed')")
+        out.append(L)
+    return out
+
+
+def layer_order(L: LayerId) -> int:
+    return -1 if L == "embed" else int(L)
+
+
+class StepState:
+    """Tracks prefill vs decode steps of a generate call (for where="response")."""
+
+    def __init__(self, response_mask: Tensor | None = None, generating: bool = False) -> None:
+        self.response_mask = response_mask
+        self.generating = generating
+        self.step = 0
+
+    def apply(self, iv: Intervention, h: Tensor) -> Tensor:
+        if iv.where == "all":
+            return iv.fn(h)
+        if self.generating:
+            if self.step > 0:  # decode steps: every position is generated
+                return iv.fn(h)
+            # prefill with left padding: the last column predicts the first response token
+            out = h.clone()
+            out[:, -1:] = iv.fn(h[:, -1:])
+            return out
+        if self.response_mask is None:
+            return h
+        m = self.response_mask.to(h.device)[..., None]
+        return torch.where(m.bool(), iv.fn(h), h)
+
+
+class Backend(ABC):
+    name: ClassVar[str]
+
+    def __init__(self, handle: ModelHandle) -> None:
+        self.handle = handle
+
+    @abstractmethod
+    def run(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        capture: Sequence[LayerId] = (),
+        interventions: Sequence[Intervention] = (),
+        response_mask: Tensor | None = None,
+        return_logits: bool = True,
+    ) -> tuple[Tensor | None, dict[LayerId, Tensor]]:
+        """One forward pass. Returns (logits [b, s, vocab] or None, {layer: resid [b, s, d]})."""
+
+    @abstractmethod
+    def generate(
+        self, input_ids: Tensor, attention_mask: Tensor, interventions: Sequence[Intervention] = (), **gen_kwargs: Any
+    ) -> Tensor:
+        """Generate from left-padded prompts. Returns [b, s_prompt + new] token ids."""
+
+    def _to_device(self, *ts: Tensor) -> list[Tensor]:
+        dev = self.handle.device
+        return [t.to(dev) for t in ts]
+
+
+def gen_defaults(handle: ModelHandle, gen_kwargs: dict[str, Any]) -> dict[str, Any]:
+    tok = handle.tokenizer
+    kw = {"pad_token_id": tok.pad_token_id, "eos_token_id": tok.eos_token_id}
+    kw.update(gen_kwargs)
+    if not kw.get("do_sample", False):
+        kw.pop("temperature", None)
+        kw.pop("top_p", None)
+        kw.pop("top_k", None)
+    return kw
