@@ -260,8 +260,8 @@ def _prepare_folder(folder: Path, cfg: dict[str, Any], overwrite: bool) -> None:
     """Fresh folder, or resume the same run; a different run's folder needs `overwrite`."""
     if (folder / MANIFEST).exists():
         old = read_manifest(folder)
-        if old.get("kind") == "activations" and _same_run(old, cfg) and not overwrite:
-            return  # resume: keep finished shards
+        if old.get("kind") == "activations" and _same_run(old, cfg):
+            return  # same run: resume (finished shards are kept and reused)
         if not overwrite:
             raise PersonaProbeError(
                 f"{folder} holds a different run ({old.get('kind')}, prompts {old.get('prompt_set', {}).get('name')}, "

@@ -27,6 +27,8 @@ from ..loading import ModelHandle
 
 LayerId = Union[int, str]  # int decoder layer, or "embed"
 Where = Literal["all", "response"]
+Site = Literal["resid_post", "attn_out", "mlp_out"]
+SITES = ("resid_post", "attn_out", "mlp_out")
 
 
 @dataclass
@@ -41,6 +43,9 @@ class Intervention:
     layer: LayerId
     fn: Callable[[Tensor], Tensor]
     where: Where = "all"
+    # resid_post = block output (default); attn_out / mlp_out = what the attention / MLP writes into the
+    # residual stream (TL hook_attn_out / hook_mlp_out): ablating every writer equals weight orthogonalisation
+    site: Site = "resid_post"
 
 
 def check_layers(layers: Sequence[LayerId], n_layers: int) -> list[LayerId]:
@@ -59,6 +64,23 @@ def check_layers(layers: Sequence[LayerId], n_layers: int) -> list[LayerId]:
 
 def layer_order(L: LayerId) -> int:
     return -1 if L == "embed" else int(L)
+
+
+def site_order(key: tuple[LayerId, str]) -> tuple[int, int]:
+    """Execution order of (layer, site) within a forward pass."""
+    return layer_order(key[0]), SITES.index(key[1]) if key[1] != "resid_post" else 9
+
+
+_ATTN_NAMES = ("self_attn", "attn", "attention", "self_attention")
+_MLP_NAMES = ("mlp", "feed_forward", "ffn")
+
+
+def submodule_name(layer_module: torch.nn.Module, site: str) -> str:
+    """Attribute name of the attention / MLP submodule of a decoder block."""
+    for n in (_ATTN_NAMES if site == "attn_out" else _MLP_NAMES):
+        if isinstance(getattr(layer_module, n, None), torch.nn.Module):
+            return n
+    raise PersonaProbeError(f"cannot find the {site} submodule of {type(layer_module).__name__}")
 
 
 class StepState:

@@ -9,7 +9,7 @@ from typing import Any, Iterator
 import torch
 from torch import Tensor
 
-from .base import Backend, Intervention, LayerId, StepState, gen_defaults
+from .base import Backend, Intervention, LayerId, StepState, gen_defaults, submodule_name
 
 
 def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
@@ -21,32 +21,38 @@ def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
 class HFBackend(Backend):
     name = "hf"
 
-    def _module(self, L: LayerId) -> torch.nn.Module:
-        return self.handle.model.get_input_embeddings() if L == "embed" else self.handle.layers[int(L)]
+    def _module(self, L: LayerId, site: str = "resid_post") -> torch.nn.Module:
+        if L == "embed":
+            return self.handle.model.get_input_embeddings()
+        block = self.handle.layers[int(L)]
+        return block if site == "resid_post" else getattr(block, submodule_name(block, site))
 
     @contextmanager
     def hooked(self, capture: Sequence[LayerId], interventions: Sequence[Intervention], state: StepState,
                store: dict[LayerId, Tensor]) -> Iterator[None]:
         """Register hooks for the duration of the block (always removed, even on error)."""
-        by_layer: dict[LayerId, list[Intervention]] = {}
+        by_site: dict[tuple[LayerId, str], list[Intervention]] = {}
         for iv in interventions:
-            by_layer.setdefault(iv.layer, []).append(iv)
+            by_site.setdefault((iv.layer, iv.site), []).append(iv)
         wanted = set(capture)
         handles = []
-        for L in wanted | set(by_layer):
-            ivs = by_layer.get(L, [])
+        for key in {(L, "resid_post") for L in wanted} | set(by_site):
+            ivs = by_site.get(key, [])
+            L, site = key
+            cap = site == "resid_post" and L in wanted
 
-            def hook(_mod: torch.nn.Module, _args: Any, out: Any, L: LayerId = L, ivs: list = ivs) -> Any:
+            def hook(_mod: torch.nn.Module, _args: Any, out: Any, L: LayerId = L, ivs: list = ivs,
+                     cap: bool = cap) -> Any:
                 h = out[0] if isinstance(out, tuple) else out
                 for iv in ivs:
                     h = state.apply(iv, h)
-                if L in wanted:
+                if cap:
                     store[L] = h.detach()
                 if not ivs:
                     return None  # unchanged output: let torch skip the replacement
                 return (h, *out[1:]) if isinstance(out, tuple) else h
 
-            handles.append(self._module(L).register_forward_hook(hook))
+            handles.append(self._module(L, site).register_forward_hook(hook))
         if state.generating:
             def count(_mod: torch.nn.Module, _args: Any, _out: Any) -> None:
                 state.step += 1

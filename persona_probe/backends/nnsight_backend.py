@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from ..loading import decoder_layer_path
-from .base import Backend, Intervention, LayerId, StepState, gen_defaults, layer_order
+from .base import Backend, Intervention, LayerId, StepState, gen_defaults, site_order, submodule_name
 
 
 class NNsightBackend(Backend):
@@ -33,11 +33,30 @@ class NNsightBackend(Backend):
         emb = handle.model.get_input_embeddings()
         self._embed_path = next(n for n, m in handle.model.named_modules() if m is emb).split(".")
 
-    def _envoy(self, L: LayerId) -> Any:
+    def _envoy(self, L: LayerId, site: str = "resid_post") -> Any:
         env: Any = self.lm
         for part in (self._embed_path if L == "embed" else self._layers_path):
             env = getattr(env, part)
-        return env if L == "embed" else env[int(L)]
+        if L == "embed":
+            return env
+        env = env[int(L)]
+        if site != "resid_post":
+            env = getattr(env, submodule_name(self.handle.layers[int(L)], site))
+        return env
+
+    def _apply(self, key: tuple[LayerId, str], ivs: list[Intervention], state: StepState) -> None:
+        """Replace a site's output by the intervened one (attention returns a tuple: edit element 0)."""
+        env = self._envoy(*key)
+        out = env.output
+        if key[1] == "attn_out":
+            h = out[0]
+            for iv in ivs:
+                h = state.apply(iv, h)
+            env.output = (h, *out[1:])
+        else:
+            for iv in ivs:
+                out = state.apply(iv, out)
+            env.output = out
 
     @torch.inference_mode()
     def run(self, input_ids: Tensor, attention_mask: Tensor, capture: Sequence[LayerId] = (),
@@ -47,20 +66,17 @@ class NNsightBackend(Backend):
 
         input_ids, attention_mask = self._to_device(input_ids, attention_mask)
         state = StepState(response_mask)
-        layers = sorted(set(capture) | {iv.layer for iv in interventions}, key=layer_order)  # run order
+        keys = sorted({(L, "resid_post") for L in capture} | {(iv.layer, iv.site) for iv in interventions},
+                      key=site_order)  # envoys must be visited in execution order
         wanted = set(capture)
         with self.lm.trace({"input_ids": input_ids, "attention_mask": attention_mask}, remote=self.remote):
             store = nnsight.save({})
-            for L in layers:
-                env = self._envoy(L)
-                ivs = [iv for iv in interventions if iv.layer == L]
+            for key in keys:
+                ivs = [iv for iv in interventions if (iv.layer, iv.site) == key]
                 if ivs:
-                    h = env.output
-                    for iv in ivs:
-                        h = state.apply(iv, h)
-                    env.output = h
-                if L in wanted:
-                    store[L] = env.output
+                    self._apply(key, ivs, state)
+                if key[1] == "resid_post" and key[0] in wanted:
+                    store[key[0]] = self._envoy(*key).output
             logits = self.lm.output.logits.save() if return_logits else None
         return logits, dict(store)
 
@@ -70,7 +86,7 @@ class NNsightBackend(Backend):
         input_ids, attention_mask = self._to_device(input_ids, attention_mask)
         state = StepState(generating=True)
         kw = gen_defaults(self.handle, gen_kwargs)
-        layers = sorted({iv.layer for iv in interventions}, key=layer_order)
+        keys = sorted({(iv.layer, iv.site) for iv in interventions}, key=site_order)
         import warnings
 
         with warnings.catch_warnings():
@@ -78,16 +94,12 @@ class NNsightBackend(Backend):
             warnings.filterwarnings("ignore", message=".*was never reached.*")
             with self.lm.generate(remote=self.remote, **kw) as tracer:
                 with tracer.invoke({"input_ids": input_ids, "attention_mask": attention_mask}):
-                    if layers:
+                    if keys:
                         for step in tracer.iter[:]:  # open loop: ends when generation ends (by design)
                             state.step = step
-                            for L in layers:
-                                env = self._envoy(L)
-                                h = env.output
-                                for iv in interventions:
-                                    if iv.layer == L:
-                                        h = state.apply(iv, h)
-                                env.output = h
+                            for key in keys:
+                                self._apply(key, [iv for iv in interventions if (iv.layer, iv.site) == key],
+                                            state)
                 with tracer.invoke():
                     out = tracer.result.save()
             return out

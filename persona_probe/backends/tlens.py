@@ -14,8 +14,8 @@ from torch import Tensor
 from .base import Backend, Intervention, LayerId, StepState
 
 
-def hook_name(L: LayerId) -> str:
-    return "hook_embed" if L == "embed" else f"blocks.{int(L)}.hook_resid_post"
+def hook_name(L: LayerId, site: str = "resid_post") -> str:
+    return "hook_embed" if L == "embed" else f"blocks.{int(L)}.hook_{site}"
 
 
 class TransformerLensBackend(Backend):
@@ -39,22 +39,24 @@ class TransformerLensBackend(Backend):
 
     def _hooks(self, capture: Sequence[LayerId], interventions: Sequence[Intervention], state: StepState,
                store: dict[LayerId, Tensor]) -> list[tuple[str, Any]]:
-        by_layer: dict[LayerId, list[Intervention]] = {}
+        by_site: dict[tuple[LayerId, str], list[Intervention]] = {}
         for iv in interventions:
-            by_layer.setdefault(iv.layer, []).append(iv)
+            by_site.setdefault((iv.layer, iv.site), []).append(iv)
         wanted = set(capture)
         hooks = []
-        for L in wanted | set(by_layer):
-            ivs = by_layer.get(L, [])
+        for key in {(L, "resid_post") for L in wanted} | set(by_site):
+            ivs = by_site.get(key, [])
+            L, site = key
+            cap = site == "resid_post" and L in wanted
 
-            def fn(x: Tensor, hook: Any, L: LayerId = L, ivs: list = ivs) -> Tensor:
+            def fn(x: Tensor, hook: Any, L: LayerId = L, ivs: list = ivs, cap: bool = cap) -> Tensor:
                 for iv in ivs:
                     x = state.apply(iv, x)
-                if L in wanted:
+                if cap:
                     store[L] = x.detach()
                 return x
 
-            hooks.append((hook_name(L), fn))
+            hooks.append((hook_name(L, site), fn))
         return hooks
 
     @torch.inference_mode()

@@ -1,0 +1,115 @@
+"""Plotly figures (self-contained HTML) for directions, comparisons, steering and evaluation."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from .paths import atomic_write_text
+
+
+def write_figure(fig: go.Figure, path: str | Path, include_plotlyjs: bool | str = True) -> Path:
+    """Write a figure as standalone HTML (plotly.js inlined so it opens offline)."""
+    return atomic_write_text(path, fig.to_html(full_html=True, include_plotlyjs=include_plotlyjs))
+
+
+def layer_separation_figure(stats: Sequence[Any], title: str = "direction") -> go.Figure:
+    """Held-out AUROC and Cohen's d per layer, direction vs random control, plus direction norm."""
+    xs = [str(s.layer) for s in stats]
+    fig = make_subplots(rows=3, cols=1, shared_xaxes=True, subplot_titles=(
+        "held-out AUROC", "held-out Cohen's d", "direction norm / cosine to previous layer"))
+    fig.add_trace(go.Scatter(x=xs, y=[s.auroc for s in stats], name="direction AUROC", mode="lines+markers"), 1, 1)
+    fig.add_trace(go.Scatter(x=xs, y=[s.random_auroc for s in stats], name="random control AUROC",
+                             mode="lines+markers", line={"dash": "dot"}), 1, 1)
+    fig.add_trace(go.Scatter(x=xs, y=[s.cohens_d for s in stats], name="direction d", mode="lines+markers"), 2, 1)
+    fig.add_trace(go.Scatter(x=xs, y=[s.random_cohens_d for s in stats], name="random control d",
+                             mode="lines+markers", line={"dash": "dot"}), 2, 1)
+    fig.add_trace(go.Bar(x=xs, y=[s.norm for s in stats], name="norm", opacity=0.5), 3, 1)
+    fig.add_trace(go.Scatter(x=xs, y=[s.cos_prev for s in stats], name="cos(prev layer)", yaxis="y4",
+                             mode="lines"), 3, 1)
+    fig.update_layout(title=f"Layer selection: {title}", height=800, xaxis3_title="layer")
+    return fig
+
+
+def heatmap_figure(names: Sequence[str], matrix: Any, title: str = "cosine similarity") -> go.Figure:
+    z = [[float(v) for v in row] for row in matrix.tolist()]
+    fig = go.Figure(go.Heatmap(z=z, x=list(names), y=list(names), zmin=-1, zmax=1, colorscale="RdBu",
+                               text=[[f"{v:.2f}" for v in row] for row in z], texttemplate="%{text}"))
+    fig.update_layout(title=title, height=max(400, 60 * len(names)), width=max(500, 60 * len(names) + 200))
+    return fig
+
+
+def html_page(title: str, sections: Sequence[tuple[str, str]]) -> str:
+    """A self-contained HTML page: sections are (heading, html) pairs; plotly.js is inlined once."""
+    import plotly.offline
+
+    js = plotly.offline.get_plotlyjs()
+    body = "\n".join(f"<section><h2>{h}</h2>\n{content}\n</section>" for h, content in sections)
+    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{title}</title>"
+            f"<script type='text/javascript'>{js}</script>"
+            "<style>body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}"
+            "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:4px 6px;"
+            "vertical-align:top}th{background:#f3f3f3}pre{white-space:pre-wrap}</style></head>"
+            f"<body><h1>{title}</h1>\n{body}\n</body></html>")
+
+
+def fig_div(fig: go.Figure) -> str:
+    return fig.to_html(full_html=False, include_plotlyjs=False)
+
+
+def em_bar_figure(summary: dict[str, Any], title: str = "EM rate per question (Wilson 95% CI)") -> go.Figure:
+    """Per-question EM rate bars with interval error bars, plus mean aligned/coherent."""
+    pq = summary["per_question"]
+    qs = list(pq)
+    rate = [pq[q]["em_rate"] or 0.0 for q in qs]
+    lo = [r - pq[q]["em_ci95"][0] for q, r in zip(qs, rate)]
+    hi = [pq[q]["em_ci95"][1] - r for q, r in zip(qs, rate)]
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("EM rate", "mean aligned / coherent"))
+    fig.add_trace(go.Bar(x=qs, y=rate, error_y={"type": "data", "symmetric": False, "array": hi, "arrayminus": lo},
+                         name="EM rate"), 1, 1)
+    fig.add_trace(go.Bar(x=qs, y=[pq[q]["mean_aligned"] for q in qs], name="aligned"), 1, 2)
+    fig.add_trace(go.Bar(x=qs, y=[pq[q]["mean_coherent"] for q in qs], name="coherent"), 1, 2)
+    o = summary["overall"]
+    fig.update_layout(title=f"{title} — overall {o['em_rate'] if o['em_rate'] is not None else float('nan'):.3f} "
+                            f"[{o['em_ci95'][0]:.3f}, {o['em_ci95'][1]:.3f}], n={o['n_counted']}", height=450)
+    return fig
+
+
+def sweep_figure(cells: Sequence[dict[str, Any]], title: str = "steering sweep") -> go.Figure:
+    """EM rate (with CI), mean coherent, response projection and neutral-text KL vs α, direction vs random."""
+    has_em = any(c.get("em_rate") is not None for c in cells)
+    panels = (["EM rate (Wilson 95% CI)", "mean coherent"] if has_em else []) + [
+        "response projection on direction", "KL on neutral text"]
+    fig = make_subplots(rows=1, cols=len(panels), subplot_titles=panels)
+    groups: dict[tuple[str, Any], list[dict[str, Any]]] = {}
+    for c in cells:
+        groups.setdefault((c["condition"], c["layer"]), []).append(c)
+    zero = {c["layer"]: c for c in cells if c["condition"] == "direction" and c["alpha"] == 0}
+    for (kind, L), cs in groups.items():
+        if kind == "random" and L in zero:
+            cs = [zero[L], *cs]  # α = 0 is shared by both
+        cs = sorted(cs, key=lambda c: c["alpha"])
+        xs = [c["alpha"] for c in cs]
+        dash = "dot" if kind == "random" else None
+        name = f"{kind} L{L}"
+        col = 1
+        if has_em:
+            ys = [c.get("em_rate") or 0.0 for c in cs]
+            fig.add_trace(go.Scatter(x=xs, y=ys, name=name, mode="lines+markers", line={"dash": dash},
+                                     legendgroup=name, error_y={"type": "data", "symmetric": False,
+                                     "array": [c["em_ci95"][1] - y for c, y in zip(cs, ys)],
+                                     "arrayminus": [y - c["em_ci95"][0] for c, y in zip(cs, ys)]}), 1, 1)
+            fig.add_trace(go.Scatter(x=xs, y=[c.get("mean_coherent") for c in cs], name=name, mode="lines+markers",
+                                     line={"dash": dash}, legendgroup=name, showlegend=False), 1, 2)
+            col = 3
+        fig.add_trace(go.Scatter(x=xs, y=[c["mean_projection"] for c in cs], name=name, mode="lines+markers",
+                                 line={"dash": dash}, legendgroup=name, showlegend=not has_em), 1, col)
+        fig.add_trace(go.Scatter(x=xs, y=[c["kl_neutral"] for c in cs], name=name, mode="lines+markers",
+                                 line={"dash": dash}, legendgroup=name, showlegend=False), 1, col + 1)
+    fig.update_xaxes(title_text="α (× typical residual norm)")
+    fig.update_layout(title=title, height=420)
+    return fig
