@@ -243,6 +243,7 @@ def _gen_args(p: argparse.ArgumentParser, samples: int, max_new: int) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    _load_plugins()
     ap = argparse.ArgumentParser(prog="persona-probe", description=__doc__)
     ap.add_argument("--version", action="store_true", help="print the package version")
     sub = ap.add_subparsers(dest="command")
@@ -351,6 +352,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 _EXTRA_PARSERS: list[Callable[[Any], None]] = []
+# modules that add sub-commands: each defines `register(sub, command)` (sub = argparse subparsers)
+_PLUGINS = ("persona_probe.sae_cli", "persona_probe.organisms_cli", "persona_probe.routes_cli",
+            "persona_probe.bench")
+
+
+_LOADED: set[str] = set()
+
+
+def _load_plugins() -> None:
+    import importlib
+
+    for mod in _PLUGINS:
+        try:
+            m = importlib.import_module(mod)
+        except ModuleNotFoundError as e:
+            if e.name == mod:
+                continue  # plugin not present in this version
+            raise
+        if mod not in _LOADED:
+            _LOADED.add(mod)
+            _EXTRA_PARSERS.append(lambda sub, m=m: m.register(sub, command))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -21,7 +21,7 @@ from .judges.base import Judge, JudgeScore
 from .loading import ModelHandle
 from .paths import atomic_write_json, atomic_write_text
 from .prompts import PromptRecord
-from .questions import Question, load_questions
+from .questions import Question, as_questions
 from .sampling import Sample, generate
 
 Z95 = 1.959963984540054
@@ -198,7 +198,7 @@ def evaluate(
     turns); `interventions` steer/ablate during sampling; `records` replaces the question records
     entirely (ICL and trigger experiments build their own).
     """
-    qs = load_questions(questions) if isinstance(questions, str) else list(questions)
+    qs = as_questions(questions)
     th = thresholds or Thresholds()
     recs = list(records) if records is not None else question_prompt_records(qs, system=system, history=history)
     if not recs:

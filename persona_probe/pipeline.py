@@ -27,12 +27,15 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "seed": 0,
     "backend": "hf",
     "direction": {"trait": "malicious", "position": "prompt_last", "layers": "all", "n_questions": None,
-                  "n_prompts": None, "test_frac": 0.25, "batch_size": 16},
-    "steering": {"alphas": [0.0, 0.25, 0.5, 1.0], "layers": None, "unit": "resid", "where": "all",
-                 "questions": "builtin:core", "samples": 4, "max_new_tokens": 48, "temperature": 1.0,
+                  "n_prompts": 3, "test_frac": 0.25, "batch_size": 16},
+    "steering": {"alphas": [0.0, 0.5, 1.0], "layers": None, "unit": "resid", "where": "all",
+                 "questions": "builtin:core", "questions_limit": None, "samples": 3, "max_new_tokens": 48, "temperature": 1.0,
                  "include_random": True, "batch_size": 32},
     "judge": "offline",
     "routes": {"persona": False, "icl": False},
+    # per-route keyword arguments, e.g. {"icl": {"ks": [0, 4, 16], "draws": 1}}
+    "route_settings": {"icl": {"ks": [0, 4, 16], "draws": 1, "n_samples": 1, "variants": ["none", "safety", "context"]},
+                       "persona": {"n_samples": 1}},
     "sae": {"enabled": False},
 }
 
@@ -50,6 +53,10 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     cfg = copy.deepcopy(DEFAULT_CONFIG)
     if path:
         p = Path(path)
+        if str(path).startswith("builtin:"):
+            from importlib import resources
+
+            p = Path(str(resources.files("persona_probe") / "configs" / f"{str(path)[8:]}.yaml"))
         if not p.exists():
             raise PersonaProbeError(f"config file {p} does not exist")
         try:
@@ -98,6 +105,7 @@ def run_pipeline(config: dict[str, Any] | None = None, *, out: str | Path | None
     from .directions import load_direction
     from .experiments.steer import steering_sweep
     from .loading import load_model
+    from .questions import as_questions
     from .workflows import persona_direction
 
     cfg = config or load_config()
@@ -124,8 +132,9 @@ def run_pipeline(config: dict[str, Any] | None = None, *, out: str | Path | None
     k_steer = _key(k_dir, scfg, cfg["judge"], seed, backend)
     st_s = Stage(root, "steering", k_steer, log)
     t = time.time()
+    qs = as_questions(scfg["questions"], limit=scfg.get("questions_limit"))
     st_s.run(lambda f: steering_sweep(
-        handle, direction, layers=scfg["layers"], alphas=scfg["alphas"], questions=scfg["questions"],
+        handle, direction, layers=scfg["layers"], alphas=scfg["alphas"], questions=qs,
         n_samples=scfg["samples"], unit=scfg["unit"], where=scfg["where"], include_random=scfg["include_random"],
         judge=cfg["judge"], max_new_tokens=scfg["max_new_tokens"], temperature=scfg["temperature"], seed=seed,
         batch_size=scfg["batch_size"], backend=backend, out=f))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import yaml
@@ -109,6 +110,12 @@ def load_questions(spec: str | Path) -> list[Question]:
             raise PersonaProbeError(f"{s}: no questions")
         return qs
     return parse_questions(p.read_text(encoding="utf-8"), s)
+
+
+def as_questions(spec: "str | Path | Sequence[Question]", limit: int | None = None) -> list[Question]:
+    """A question set from a spec string/path or an existing list; `limit` keeps the first N."""
+    qs = load_questions(spec) if isinstance(spec, (str, Path)) else list(spec)
+    return qs[:limit] if limit else qs
 
 
 def question_records(questions: list[Question]) -> list[PromptRecord]:

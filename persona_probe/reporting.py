@@ -113,3 +113,43 @@ def sweep_figure(cells: Sequence[dict[str, Any]], title: str = "steering sweep")
     fig.update_xaxes(title_text="α (× typical residual norm)")
     fig.update_layout(title=title, height=420)
     return fig
+
+
+def _err(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    ys = [r.get("em_rate") or 0.0 for r in rows]
+    return {"type": "data", "symmetric": False, "array": [r["em_ci95"][1] - y for r, y in zip(rows, ys)],
+            "arrayminus": [y - r["em_ci95"][0] for r, y in zip(rows, ys)]}
+
+
+def route_figure(res: dict[str, Any]) -> go.Figure:
+    """ICL: EM and projection vs k per instruction variant; persona/trigger: bars per condition."""
+    rows = res["conditions"]
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("EM rate (Wilson 95% CI)", "mean prompt projection"))
+    if res["route"] == "icl":
+        for v in res["variants"]:
+            rs = sorted([r for r in rows if r["variant"] == v], key=lambda r: r["k"])
+            xs = [r["k"] for r in rs]
+            fig.add_trace(go.Scatter(x=xs, y=[r.get("em_rate") or 0.0 for r in rs], error_y=_err(rs), name=v,
+                                     mode="lines+markers", legendgroup=v), 1, 1)
+            fig.add_trace(go.Scatter(x=xs, y=[r["prompt_projection"] for r in rs], name=v, mode="lines+markers",
+                                     legendgroup=v, showlegend=False), 1, 2)
+        fig.update_xaxes(title_text="k (in-context examples)")
+    else:
+        xs = [r["condition"] for r in rows]
+        fig.add_trace(go.Bar(x=xs, y=[r.get("em_rate") or 0.0 for r in rows], error_y=_err(rows), name="EM"), 1, 1)
+        fig.add_trace(go.Bar(x=xs, y=[r["prompt_projection"] for r in rows], name="projection"), 1, 2)
+    fig.update_layout(title=f"route: {res['route']} (layer {res.get('layer')})", height=450)
+    return fig
+
+
+def scatter_figure(points: Sequence[dict[str, Any]], r: float | None) -> go.Figure:
+    """Condition mean projection vs EM rate, coloured by route."""
+    fig = go.Figure()
+    for route in sorted({p["route"] for p in points}):
+        ps = [p for p in points if p["route"] == route]
+        fig.add_trace(go.Scatter(x=[p["projection"] for p in ps], y=[p["em_rate"] for p in ps], mode="markers",
+                                 name=route, text=[p["condition"] for p in ps]))
+    fig.update_layout(title=f"Does projection predict EM across routes? Pearson r = "
+                            f"{r if r is None else round(r, 3)}", xaxis_title="mean prompt projection on character "
+                      "direction", yaxis_title="EM rate", height=450)
+    return fig

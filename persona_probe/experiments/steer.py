@@ -19,7 +19,7 @@ from ..extraction import extract
 from ..loading import ModelHandle
 from ..paths import atomic_write_json, atomic_write_text
 from ..prompts import PromptRecord, PromptSet, data_path, length_sorted_batches, tokenize_record
-from ..questions import load_questions
+from ..questions import as_questions
 from ..sampling import generate
 from ..steering import NEUTRAL_REFERENCE, ablation_interventions, add_interventions, parse_alphas
 
@@ -80,7 +80,7 @@ def steering_sweep(
     *,
     layers: Sequence[int] | None = None,
     alphas: str | Sequence[float] = (0.0, 0.25, 0.5, 1.0),
-    questions: str = "builtin:core",
+    questions: Any = "builtin:core",
     n_samples: int = 3,
     unit: str = "resid",
     where: str = "all",
@@ -103,7 +103,7 @@ def steering_sweep(
     th = Thresholds()
     alist = parse_alphas(alphas) if mode == "steer" else [1.0]
     Ls = list(layers) if layers else ([int(direction.best_layer)] if mode == "steer" else None)
-    qs = load_questions(questions)
+    qs = as_questions(questions)
     recs = question_prompt_records(qs)
     j = make_judge(judge) if judge else None
     guard_recs = neutral_texts()
@@ -159,7 +159,7 @@ def steering_sweep(
         atomic_write_json(o / "cells.json", result)
         atomic_write_json(o / "manifest.json", base_manifest(
             f"{mode}_sweep", model=handle.info.to_dict(), direction=direction.manifest, layers=Ls, alphas=alist,
-            questions=questions, n_samples=n_samples, seed=seed, temperature=temperature,
+            questions=questions if isinstance(questions, str) else [q.id for q in qs], n_samples=n_samples, seed=seed, temperature=temperature,
             max_new_tokens=max_new_tokens, unit=unit, where=where, backend=backend))
         from ..reporting import sweep_figure, write_figure
 
