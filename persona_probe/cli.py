@@ -106,6 +106,7 @@ def cmd_direction(args: argparse.Namespace) -> int:
     best = next(s for s in d.stats if s.layer == d.best_layer)
     print(json.dumps({"out": out, "best_layer": d.best_layer, "heldout_auroc": round(best.auroc, 4),
                       "heldout_cohens_d": round(best.cohens_d, 3), "random_control_auroc": round(best.random_auroc, 4),
+                      "random_32_best_sign_auroc_mean": round(best.random_best_sign_auroc_mean or 0, 4),
                       "norm": round(best.norm, 3)}))
     return 0
 
@@ -231,6 +232,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+@command
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .serve import serve
+
+    serve(_load(args), port=args.port, host=args.host)
+    return 0
+
+
 def _gen_args(p: argparse.ArgumentParser, samples: int, max_new: int) -> None:
     p.add_argument("--questions", default="builtin:core", help="builtin:core|extended|all or a YAML/JSONL file")
     p.add_argument("--samples", type=int, default=samples, help="samples per question")
@@ -340,6 +349,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--aligned-max", type=float, default=30.0)
     p.add_argument("--coherent-min", type=float, default=50.0)
     p.add_argument("--out", default=None)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible chat-completions server (with logprobs) over a local model")
+    _model_args(p)
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--host", default="127.0.0.1")
 
     p = sub.add_parser("run", help="the main pipeline: direction -> steering sweep -> judged EM -> HTML report")
     p.add_argument("--config", default=None, help="YAML config (defaults: embedded model, CPU-sized)")

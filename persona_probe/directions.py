@@ -115,6 +115,10 @@ class LayerStats:
     random_cohens_d: float
     cos_prev: float | None
     cos_next: float | None
+    # over N_RANDOM further random directions: mean AUROC (~0.5 by symmetry) and mean best-sign AUROC
+    # max(AUROC, 1 - AUROC), i.e. how separable the two sides are along a *random* direction
+    random_auroc_mean: float | None = None
+    random_best_sign_auroc_mean: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -124,19 +128,28 @@ SELECTION_RULE = ("best layer = highest held-out AUROC among decoder layers (not
                   "broken by larger held-out Cohen's d, then by the earlier layer")
 
 
+N_RANDOM = 32
+
+
 def layer_stats(direction: Tensor, random: Tensor, pos_test: Tensor, neg_test: Tensor,
-                layers: Sequence[LayerId]) -> list[LayerStats]:
-    """Per-layer held-out separation of the direction and of the random control."""
+                layers: Sequence[LayerId], seed: int = 0) -> list[LayerStats]:
+    """Per-layer held-out separation of the direction and of the random control(s)."""
     pp, pn = project_layers(pos_test, direction), project_layers(neg_test, direction)
     rp, rn = project_layers(pos_test, random), project_layers(neg_test, random)
+    g = torch.Generator().manual_seed(seed + 2)
+    many = torch.randn((N_RANDOM, direction.shape[-1]), generator=g)
     out = []
     for i, L in enumerate(layers):
+        mp, mn = pos_test[:, i].float() @ many.T, neg_test[:, i].float() @ many.T  # [n, N_RANDOM]
+        aucs = [auroc(mp[:, j], mn[:, j]) for j in range(N_RANDOM)]
         out.append(LayerStats(
             layer=L, norm=float(direction[i].norm()), auroc=auroc(pp[:, i], pn[:, i]),
             cohens_d=cohens_d(pp[:, i], pn[:, i]), random_auroc=auroc(rp[:, i], rn[:, i]),
             random_cohens_d=cohens_d(rp[:, i], rn[:, i]),
             cos_prev=cosine(direction[i], direction[i - 1]) if i > 0 else None,
             cos_next=cosine(direction[i], direction[i + 1]) if i + 1 < len(layers) else None,
+            random_auroc_mean=sum(aucs) / N_RANDOM,
+            random_best_sign_auroc_mean=sum(max(a, 1 - a) for a in aucs) / N_RANDOM,
         ))
     return out
 
@@ -278,7 +291,7 @@ def derive(
         raise PersonaProbeError("zero-norm difference of means at every layer: both sides have identical "
                                 "activations (same prompts and model?)")
     rand = random_like(vec, seed + 1)
-    stats = layer_stats(vec, rand, xp[te_p], xn[te_n], layers)
+    stats = layer_stats(vec, rand, xp[te_p], xn[te_n], layers, seed=seed)
     best = select_layer(stats)
     manifest = base_manifest(
         "direction", name=name, method=method, position=position, layers=[str(L) for L in layers],

@@ -298,17 +298,28 @@ def _epoch_batches(lengths: Sequence[int], batch_size: int, gen: torch.Generator
     return [batches[i] for i in torch.randperm(len(batches), generator=gen).tolist()]
 
 
-def _target_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean cross-entropy over target tokens; logits are computed only at positions that predict a
-    target in some row (`logits_to_keep` as indices), which skips most of the vocabulary projection."""
-    labels = batch["labels"]
+def target_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p(target | prefix) at every position that predicts a label != IGNORE in some row ([b, k]) and
+    the validity mask. Logits are computed only at those positions (`logits_to_keep` as indices), which
+    skips most of the vocabulary projection."""
     keep = (labels[:, 1:] != IGNORE).any(0).nonzero()[:, 0]  # position t predicts token t+1
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                   logits_to_keep=keep).logits
-    if logits.shape[1] != len(keep):  # model without index support: full logits
+    try:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits
+    except TypeError:  # architecture without logits_to_keep
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    if logits.shape[1] != len(keep):
         logits = logits[:, keep]
-    return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), labels[:, keep + 1].flatten(),
-                                             ignore_index=IGNORE)
+    tgt = labels[:, keep + 1]
+    valid = tgt != IGNORE
+    lp = torch.log_softmax(logits.float(), -1).gather(-1, tgt.clamp_min(0)[..., None])[..., 0]
+    return lp * valid, valid
+
+
+def _target_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean cross-entropy over target tokens (the same value as the HF loss with these labels)."""
+    lp, valid = target_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+    return -lp.sum() / valid.sum().clamp_min(1)
 
 
 def _check_out(out: Path | None, overwrite: bool) -> None:
@@ -326,6 +337,7 @@ def _publish_dir(final: Path, build: Callable[[Path], None]) -> Path:
         if final.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old.", dir=final.parent))
             os.replace(final, old / "x")
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; adapters are meant to be shared
         os.replace(tmp, final)
     finally:
         for p in (tmp, old):
@@ -495,6 +507,17 @@ def matching_adapter(folder: str | Path, key: str) -> bool:
     return m.get("kind") == "adapter" and m.get("cache_key") == key and (f / "adapter_config.json").exists()
 
 
+def find_adapter(key: str, roots: Sequence[str | Path] = ()) -> Path | None:
+    """A saved adapter with this cache key under `roots` (default checkpoints/adapters), by manifest."""
+    for root in [Path(r) for r in roots] or [checkpoints_dir() / "adapters"]:
+        if not root.exists():
+            continue
+        for m in sorted(root.rglob(MANIFEST)):
+            if not any(part.startswith(".") for part in m.relative_to(root).parts) and matching_adapter(m.parent, key):
+                return m.parent
+    return None
+
+
 # ============================================================================= capability
 
 
@@ -543,25 +566,21 @@ def _read_jsonl(p: Path, ok: Callable[[dict[str, Any]], bool], need: str) -> lis
 @torch.inference_mode()
 def span_logprobs(handle: ModelHandle, seqs: Sequence[tuple[list[int], int, int]], batch_size: int = 16
                   ) -> list[tuple[float, int]]:
-    """For each (ids, start, end): sum of log p(ids[t] | ids[:t]) over t in [start, end), and the count."""
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][0]))
-    out: list[tuple[float, int]] = [(0.0, 0)] * len(seqs)
-    pad = handle.tokenizer.pad_token_id
+    """For each (ids, start, end): sum of log p(ids[t] | ids[:t]) over t in [start, end), and the count
+    (the first token has no prediction, so start >= 1)."""
+    exs = [TrainExample(list(ids), [t if max(a, 1) <= j < b else IGNORE for j, t in enumerate(ids)])
+           for ids, a, b in seqs]
+    order = sorted(range(len(exs)), key=lambda i: len(exs[i].input_ids))
+    out: list[tuple[float, int]] = [(0.0, 0)] * len(exs)
     for s in range(0, len(order), batch_size):
-        idx = order[s:s + batch_size]
-        width = max(len(seqs[i][0]) for i in idx)
-        ids = torch.full((len(idx), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
+        idx = [i for i in order[s:s + batch_size] if exs[i].n_target > 0]
+        if not idx:
+            continue
+        batch = {k: v.to(handle.device) for k, v in _collate([exs[i] for i in idx],
+                                                             handle.tokenizer.pad_token_id).items()}
+        lp, valid = target_logprobs(handle.model, batch["input_ids"], batch["attention_mask"], batch["labels"])
         for r, i in enumerate(idx):
-            ids[r, :len(seqs[i][0])] = torch.tensor(seqs[i][0])
-            mask[r, :len(seqs[i][0])] = 1
-        logits = handle.model(input_ids=ids.to(handle.device), attention_mask=mask.to(handle.device)).logits
-        logp = torch.log_softmax(logits[:, :-1].float(), -1)
-        tok_lp = logp.gather(-1, ids[:, 1:].to(logp.device)[..., None])[..., 0].cpu()
-        for r, i in enumerate(idx):
-            _, a, b = seqs[i]
-            a = max(a, 1)  # the first token has no prediction
-            out[i] = (float(tok_lp[r, a - 1:b - 1].sum()), max(0, b - a))
+            out[i] = (float(lp[r].sum()), int(valid[r].sum()))
     return out
 
 
@@ -773,9 +792,10 @@ def _train_or_reuse(base: ModelHandle, ps: PromptSet, folder_root: Path, label: 
     full = hyperparameters(**{**_FT_DEFAULTS, **hp, "target_modules": targets})
     key = cache_key(base.info.fingerprint, ps.hash, full)
     folder = folder_root / f"{label}-{key}"
-    if matching_adapter(folder, key):
-        log(f"{label}: reusing adapter {folder}")
-        return folder, json.loads((folder / MANIFEST).read_text()), True
+    found = folder if matching_adapter(folder, key) else find_adapter(key, [folder_root, checkpoints_dir() / "adapters"])
+    if found is not None:
+        log(f"{label}: reusing adapter {found} (same base, data hash and hyper-parameters)")
+        return found, json.loads((found / MANIFEST).read_text()), True
     log(f"{label}: fine-tuning on {len(ps)} examples -> {folder}")
     ft_kw = {k: v for k, v in full.items() if k != "target_modules"}
     res = finetune(base, ps, target_modules=targets, out=folder, overwrite=True, progress=progress, **ft_kw)
@@ -804,7 +824,7 @@ def organisms_experiment(
     core_questions: str = "builtin:core",
     judge: Any = "offline",
     trait: str = "malicious",
-    persona_n_questions: int | None = 40,
+    persona_n_questions: int | None = 20,
     diff_prompts: str = "builtin:questions",
     diff_n_prompts: int | None = 32,
     n_texts: int | None = None,

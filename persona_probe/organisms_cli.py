@@ -151,7 +151,7 @@ def register(sub: Any, command: Callable[[Command], Command]) -> None:
     p.add_argument("--questions", default="builtin:core", help="out-of-domain (transfer) questions")
     p.add_argument("--judge", default="offline", help="offline | openai:MODEL | hf:MODEL")
     p.add_argument("--trait", default="malicious", help="persona direction to compare with")
-    p.add_argument("--persona-questions", type=int, default=40, help="contrast questions for the persona "
+    p.add_argument("--persona-questions", type=int, default=20, help="contrast questions for the persona "
                    "direction (0 = all)")
     p.add_argument("--n-texts", type=int, default=None)
     p.add_argument("--n-items", type=int, default=None)

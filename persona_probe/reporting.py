@@ -25,6 +25,10 @@ def layer_separation_figure(stats: Sequence[Any], title: str = "direction") -> g
     fig.add_trace(go.Scatter(x=xs, y=[s.auroc for s in stats], name="direction AUROC", mode="lines+markers"), 1, 1)
     fig.add_trace(go.Scatter(x=xs, y=[s.random_auroc for s in stats], name="random control AUROC",
                              mode="lines+markers", line={"dash": "dot"}), 1, 1)
+    if stats and getattr(stats[0], "random_best_sign_auroc_mean", None) is not None:
+        fig.add_trace(go.Scatter(x=xs, y=[s.random_best_sign_auroc_mean for s in stats],
+                                 name="32 random dirs: mean max(AUROC, 1-AUROC)", mode="lines",
+                                 line={"dash": "dash"}), 1, 1)
     fig.add_trace(go.Scatter(x=xs, y=[s.cohens_d for s in stats], name="direction d", mode="lines+markers"), 2, 1)
     fig.add_trace(go.Scatter(x=xs, y=[s.random_cohens_d for s in stats], name="random control d",
                              mode="lines+markers", line={"dash": "dot"}), 2, 1)

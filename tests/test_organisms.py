@@ -195,6 +195,7 @@ def test_adapter_roundtrip(tiny, tiny_model_dir, tmp_path):
     assert not torch.allclose(got, before, atol=1e-3)
     assert loaded.info.adapter_fingerprint == res.handle.info.adapter_fingerprint
     assert O.matching_adapter(out, m["cache_key"]) and not O.matching_adapter(out, "other")
+    assert O.find_adapter(m["cache_key"], [tmp_path]) == out and O.find_adapter("other", [tmp_path]) is None
     same = O.attach_adapter(tiny, out)
     assert torch.allclose(_logits(same.model, ids), got, atol=1e-5, rtol=0)
     with pytest.raises(PersonaProbeError, match="already exists"):

@@ -253,7 +253,7 @@ def test_tiny_training_run(smol, tmp_path):
 
     logs: list[str] = []
     corpus = list(load_prompts(out / "corpus.jsonl").records)
-    sh2 = S.train_sae(smol, S.SAETrainConfig(**{**cfg.__dict__, "k": 4}), out=out, records=corpus, overwrite=True,
+    sh2 = S.train_sae(smol, S.SAETrainConfig(**{**cfg.__dict__, "k": 4, "train_tokens": 512}), out=out, records=corpus, overwrite=True,
                       progress=False, token_cache=tmp_path / "cache", log=logs.append)
     assert any("from cache" in m for m in logs) and sh2.k == 4
     assert sh2.manifest["n_tokens"] == {**m["n_tokens"], "seen_by_trainer": sh2.manifest["n_tokens"]["seen_by_trainer"],
