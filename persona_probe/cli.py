@@ -64,10 +64,14 @@ def cmd_extract(args: argparse.Namespace) -> int:
     from .extraction import extract
 
     h = _load(args)
+    kw: dict[str, Any] | None = {"inplace": True} if args.backend in ("transformer_lens", "tl") else None
+    if args.remote:
+        if args.backend != "nnsight":
+            raise PersonaProbeError("--remote needs --backend nnsight (NDIF executes nnsight traces)")
+        kw = {"remote": {"ndif": True, "local": "local"}.get(args.remote, args.remote)}
     acts = extract(h, args.prompts, layers=args.layers, positions=args.positions, backend=args.backend,
                    batch_size=args.batch_size, out=args.out, shard_size=args.shard_size, seed=args.seed,
-                   overwrite=args.overwrite, backend_kwargs={"inplace": True} if args.backend in (
-                       "transformer_lens", "tl") else None)
+                   overwrite=args.overwrite, backend_kwargs=kw)
     shapes = {p: list(t.shape) for p, t in acts.pooled.items()}
     if acts.tokens is not None:
         shapes["all"] = list(acts.tokens.shape)
@@ -266,6 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", default="all", help="all | embed | N | N,M | START:END")
     p.add_argument("--positions", default="prompt_last", help="prompt_last,prompt_mean,response_mean,all")
     p.add_argument("--backend", default="hf", help="hf | transformer_lens | nnsight")
+    p.add_argument("--remote", default=None, help="nnsight only: ndif (NDIF-hosted hub model; add --device meta "
+                   "to skip the weights), a host URL, or local (offline dry run of the remote path)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--shard-size", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)

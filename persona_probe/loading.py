@@ -321,6 +321,13 @@ def _load_hf(path_or_id: str, *, device: torch.device, dtype: torch.dtype, revis
     if gguf_file:
         kw["gguf_file"] = gguf_file
     tok = AutoTokenizer.from_pretrained(path_or_id, **kw)
+    if device.type == "meta":  # architecture only, no weights: for remote (NDIF) execution
+        from transformers import AutoConfig
+
+        cfg = AutoConfig.from_pretrained(path_or_id, **kw)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, trust_remote_code=trust_remote_code, **mkw)
+        return model, tok
     model = AutoModelForCausalLM.from_pretrained(
         path_or_id, dtype=torch.float32 if gguf_file else dtype, device_map=device_map, **kw, **mkw
     )
@@ -349,7 +356,8 @@ def load_model(
     """Load a causal LM for probing.
 
     `model` is an embedded name/alias (`smollm2`), a local HF folder, a `.gguf` file, or a hub id
-    (`org/name`). `adapter` is a peft LoRA folder applied on top (merged by default so every
+    (`org/name`). `device="meta"` builds the architecture without weights (no download of the
+    weights): enough for the nnsight backend with `remote=True`, which runs on NDIF's copy. `adapter` is a peft LoRA folder applied on top (merged by default so every
     backend sees plain modules; pass `merge_adapter=False` to keep it as a PeftModel).
     Device/dtype default to CUDA+bf16 when available, else CPU+fp32. `device_map="auto"` shards a
     model too large for one GPU across devices (accelerate). `attn_implementation="eager"` makes the
@@ -391,8 +399,8 @@ def load_model(
         try:
             from huggingface_hub import snapshot_download
 
-            snap = Path(snapshot_download(model, revision=revision, etag_timeout=10,
-                                          allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]))
+            pats = ["*.json", "*.model", "*.txt", "*.jinja"] + ([] if dev.type == "meta" else ["*.safetensors"])
+            snap = Path(snapshot_download(model, revision=revision, etag_timeout=10, allow_patterns=pats))
         except Exception as e:
             raise PersonaProbeError(
                 f"cannot load hub model {model!r} ({type(e).__name__}): check the id and network, or pass a local "

@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from persona_probe import load_model
 from persona_probe.backends import BACKENDS, Intervention, get_backend
+from persona_probe.errors import PersonaProbeError
 from persona_probe.prompts import PromptRecord, collate, length_sorted_batches, tokenize_record
 
 RECORDS = [
@@ -114,3 +116,47 @@ def test_response_only_intervention_leaves_prompt(smol, batch):
                   interventions=[Intervention(10, lambda x: x + v, where="response")], response_mask=mask)
     assert torch.equal(a[10][:, :-1], b[10][:, :-1])
     torch.testing.assert_close(b[10][:, -1], a[10][:, -1] + v)
+
+
+# ----------------------------------------------------------------------------- remote (NDIF) path, offline
+
+
+def test_nnsight_remote_dry_run_matches_local(tiny):
+    """remote="local" serializes the trace exactly as for NDIF, then runs it here: same numbers."""
+    from persona_probe.backends.nnsight_backend import NNsightBackend
+
+    t = tokenize_record(tiny.tokenizer, PromptRecord("x", "Tell me about your goals."))
+    b = collate([t], [0], tiny.tokenizer.pad_token_id)
+    loc, rem = get_backend("nnsight", tiny), NNsightBackend(tiny, remote="local")
+    v = torch.randn(tiny.d_model) * 5
+    ivs = [Intervention(0, lambda x: x + v)]
+    l1, s1 = loc.run(b.input_ids, b.attention_mask, capture=[0, 1], interventions=ivs)
+    l2, s2 = rem.run(b.input_ids, b.attention_mask, capture=[0, 1], interventions=ivs)
+    assert torch.equal(s1[1], s2[1]) and torch.equal(l1, l2)
+    g1 = loc.generate(b.input_ids, b.attention_mask, interventions=ivs, max_new_tokens=6, do_sample=False)
+    g2 = rem.generate(b.input_ids, b.attention_mask, interventions=ivs, max_new_tokens=6, do_sample=False)
+    assert torch.equal(g1, g2)
+
+
+def test_remote_refusals_and_cli_dry_run(tiny, tiny_model_dir, tmp_path, capsys):
+    from persona_probe.backends.nnsight_backend import NNsightBackend
+    from persona_probe.cli import main
+    from persona_probe.extraction import load_activations
+
+    with pytest.raises(PersonaProbeError, match="hub model"):
+        NNsightBackend(tiny, remote=True)  # a local folder cannot run on NDIF
+    recs = tmp_path / "p.jsonl"
+    recs.write_text('{"user": "hello there"}\n{"user": "how are you today?"}\n')
+    common = ["extract", "--model", str(tiny_model_dir), "--device", "cpu", "--prompts", str(recs), "--layers", "all"]
+    assert main(common + ["--backend", "hf", "--remote", "local", "--out", str(tmp_path / "x")]) == 2
+    assert "--backend nnsight" in capsys.readouterr().err
+    assert main(common + ["--backend", "nnsight", "--remote", "local", "--out", str(tmp_path / "r")]) == 0
+    assert main(common + ["--backend", "hf", "--out", str(tmp_path / "h")]) == 0
+    a, c = load_activations(tmp_path / "r"), load_activations(tmp_path / "h")
+    torch.testing.assert_close(a.get("prompt_last"), c.get("prompt_last"))
+
+
+def test_meta_device_builds_architecture_without_weights(tiny_model_dir):
+    h = load_model(str(tiny_model_dir), device="meta")
+    assert h.n_layers == 2 and h.d_model == 64
+    assert all(p.device.type == "meta" for p in h.model.parameters())

@@ -75,8 +75,9 @@ SCRIPT = textwrap.dedent('''
 
 def _peak(n: int, tok_dir: str, out: str) -> int:
     # the loader validates shards at the end, so measure the streaming phase: no load_activations here
-    code = SCRIPT.replace("    extract(h, recs", "    import persona_probe.extraction as ex\n"
-                                                  "    ex.load_activations = lambda f: None\n    extract(h, recs")
+    code = SCRIPT.replace("\nextract(h, recs", "\nimport persona_probe.extraction as ex\n"
+                                                "ex.load_activations = lambda f: None\nextract(h, recs")
+    assert code != SCRIPT  # the patch must land, or the loader's full merge is what gets measured
     r = subprocess.run([sys.executable, "-c", code, str(n), tok_dir, out], capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]

@@ -12,22 +12,42 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..errors import PersonaProbeError
 from ..loading import decoder_layer_path
 from .base import Backend, Intervention, LayerId, StepState, gen_defaults, site_order, submodule_name
+
+
+def check_remote(remote: bool | str, handle: Any) -> None:
+    """Remote execution needs a hub model NDIF can serve; "local" (the dry run) works with any model."""
+    if remote in (False, None, "", "local"):
+        return
+    if handle.info.source != "hub" or handle.info.adapter:
+        raise PersonaProbeError(
+            f"remote execution runs NDIF's copy of a hub model; {handle.info.model_id!r} is {handle.info.source}"
+            f"{' with an adapter' if handle.info.adapter else ''}: use a hub id (load it with device='meta' to skip "
+            "the weights), or remote='local' for the offline dry run")
 
 
 class NNsightBackend(Backend):
     name = "nnsight"
 
-    def __init__(self, handle: Any, remote: bool = False) -> None:
+    def __init__(self, handle: Any, remote: bool | str = False) -> None:
+        """`remote`: False (local), True (NDIF, `NDIF_API_KEY` / nnsight CONFIG), a host URL, or "local" —
+        nnsight's serverless dry run: the trace is serialized exactly as for NDIF (user modules hidden),
+        deserialized and run here, so a passing "local" run means the remote path works."""
         super().__init__(handle)
         import warnings
 
         from nnsight import TransformersModel
 
+        check_remote(remote, handle)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            self.lm = TransformersModel(handle.model, task="text-generation", tokenizer=handle.tokenizer)
+            if remote and remote != "local":  # NDIF runs its own copy: key it by hub id + revision
+                self.lm = TransformersModel(handle.info.model_id, revision=handle.info.revision,
+                                            tokenizer=handle.tokenizer)
+            else:
+                self.lm = TransformersModel(handle.model, task="text-generation", tokenizer=handle.tokenizer)
         self.remote = remote
         self._layers_path = decoder_layer_path(handle.model).split(".")
         emb = handle.model.get_input_embeddings()
@@ -58,6 +78,13 @@ class NNsightBackend(Backend):
                 out = state.apply(iv, out)
             env.output = out
 
+    def _apply_all(self, keys: list[tuple[LayerId, str]], interventions: Sequence[Intervention],
+                   state: StepState) -> None:
+        # one call per step keeps every statement inside the traced block on one line, which the
+        # remote (and remote="local") serializer needs to find the block's source
+        for key in keys:
+            self._apply(key, [iv for iv in interventions if (iv.layer, iv.site) == key], state)
+
     @torch.inference_mode()
     def run(self, input_ids: Tensor, attention_mask: Tensor, capture: Sequence[LayerId] = (),
             interventions: Sequence[Intervention] = (), response_mask: Tensor | None = None,
@@ -69,6 +96,7 @@ class NNsightBackend(Backend):
         keys = sorted({(L, "resid_post") for L in capture} | {(iv.layer, iv.site) for iv in interventions},
                       key=site_order)  # envoys must be visited in execution order
         wanted = set(capture)
+        logits = None  # set before the trace: only saved values come back from a (simulated) remote run
         with self.lm.trace({"input_ids": input_ids, "attention_mask": attention_mask}, remote=self.remote):
             store = nnsight.save({})
             for key in keys:
@@ -77,7 +105,8 @@ class NNsightBackend(Backend):
                     self._apply(key, ivs, state)
                 if key[1] == "resid_post" and key[0] in wanted:
                     store[key[0]] = self._envoy(*key).output
-            logits = self.lm.output.logits.save() if return_logits else None
+            if return_logits:
+                logits = self.lm.output.logits.save()
         return logits, dict(store)
 
     @torch.inference_mode()
@@ -97,9 +126,7 @@ class NNsightBackend(Backend):
                     if keys:
                         for step in tracer.iter[:]:  # open loop: ends when generation ends (by design)
                             state.step = step
-                            for key in keys:
-                                self._apply(key, [iv for iv in interventions if (iv.layer, iv.site) == key],
-                                            state)
+                            self._apply_all(keys, interventions, state)
                 with tracer.invoke():
                     out = tracer.result.save()
             return out
