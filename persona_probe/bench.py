@@ -57,6 +57,49 @@ def rss_peak_mb() -> float:
     return r / 1024 if sys.platform != "darwin" else r / 1024 / 1024
 
 
+_STREAM_SCRIPT = """
+import json, resource, sys, tempfile, torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from persona_probe.loading import ModelHandle, ModelInfo
+import persona_probe.extraction as ex
+from persona_probe.prompts import PromptRecord
+n, tok_dir = int(sys.argv[1]), sys.argv[2]
+tok = AutoTokenizer.from_pretrained(tok_dir)
+torch.manual_seed(0)
+cfg = LlamaConfig(vocab_size=len(tok), hidden_size=256, intermediate_size=256, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=True)
+h = ModelHandle(LlamaForCausalLM(cfg).eval(), tok, ModelInfo("synthetic", "local", "-", None, "fp", n_layers=2,
+                                                               d_model=256))
+recs = [PromptRecord(str(i), "word " * (8 + i % 24)) for i in range(n)]
+ex.load_activations = lambda f: None  # measure the streaming phase, not the final load
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+with tempfile.TemporaryDirectory() as d:
+    ex.extract(h, recs, layers="all", positions="prompt_last,prompt_mean", out=d, shard_size=256, batch_size=32,
+               progress=False)
+print(json.dumps({"growth_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024}))
+"""
+
+
+def streaming_memory(handle: ModelHandle, sizes: tuple[int, ...] = (500, 10_000)) -> dict[str, Any]:
+    """Peak-RSS growth during streamed extraction of `sizes` prompts on a synthetic 2-layer model (fresh
+    subprocess each, the real tokenizer): flat means memory does not scale with the number of prompts.
+    Kept output per prompt: 2 positions x 3 layers (embed + 2) x 256 floats = 6 KB, so 10 000 prompts held
+    in memory would add ~60 MB."""
+    import subprocess
+    import tempfile
+
+    res: dict[str, Any] = {"kept_kb_per_prompt": 2 * 3 * 256 * 4 / 1024}
+    with tempfile.TemporaryDirectory() as tdir:
+        handle.tokenizer.save_pretrained(tdir)
+        for n in sizes:
+            r = subprocess.run([sys.executable, "-c", _STREAM_SCRIPT, str(n), tdir], capture_output=True, text=True)
+            if r.returncode != 0:
+                return {"error": r.stderr.strip().splitlines()[-1] if r.stderr.strip() else "failed"}
+            res[f"growth_mb_{n}"] = round(json.loads(r.stdout.strip().splitlines()[-1])["growth_mb"], 1)
+    res["held_in_memory_would_add_mb"] = round(max(sizes) * res["kept_kb_per_prompt"] / 1024, 1)
+    return res
+
+
 def bench(handle: ModelHandle, *, n_prompts: int = 32, batch_size: int = 16, repeats: int = 3,
           gen_tokens: int = 32, backends: tuple[str, ...] = BACKENDS, judge: bool = True,
           progress: bool = True) -> dict[str, Any]:
@@ -125,6 +168,8 @@ def bench(handle: ModelHandle, *, n_prompts: int = 32, batch_size: int = 16, rep
         mem["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
         mem["cuda_peak_over_params"] = mem["cuda_peak_mb"] / param_mb
     out["memory"] = mem
+
+    out["streaming"] = streaming_memory(handle)
 
     # padding: arrival order vs length-sorted
     arrival = [collate(toks[i:i + batch_size], range(i, min(i + batch_size, len(toks))),

@@ -36,7 +36,9 @@ DEFAULT_CONFIG: dict[str, Any] = {
     # per-route keyword arguments, e.g. {"icl": {"ks": [0, 4, 16], "draws": 1}}
     "route_settings": {"icl": {"ks": [0, 4, 16], "draws": 1, "n_samples": 1, "variants": ["none", "safety", "context"]},
                        "persona": {"n_samples": 1}},
-    "sae": {"enabled": False},
+    # "auto": decompose the direction on an SAE when one is given (path | release + sae_id) or trained for
+    # this model under checkpoints/saes (`persona-probe sae train`); true: require one; false: skip
+    "sae": {"enabled": "auto", "path": None, "release": None, "sae_id": None, "n_questions": 20, "top": 20},
 }
 
 
@@ -144,6 +146,12 @@ def run_pipeline(config: dict[str, Any] | None = None, *, out: str | Path | None
     for name, enabled in cfg.get("routes", {}).items():
         if enabled:
             extras[name] = _run_route(name, cfg, handle, direction, root, k_dir, log)
+
+    from .sae import run_sae_stage
+
+    sae_res = run_sae_stage(cfg, handle, direction, root, k_dir, log)
+    if sae_res is not None:
+        extras["sae"] = sae_res
 
     from .report import write_report
 

@@ -89,7 +89,7 @@ def write_report(root: Path, manifest: dict[str, Any], direction: Any, extras: d
     qt_html, qt_data = per_question_table(rows, cells)
     sections.append(("Per question, with example answers", qt_html))
     for name, ex in extras.items():
-        sections.append((f"Route: {name}", ex.get("html", "")))
+        sections.append(("SAE features of the direction" if name == "sae" else f"Route: {name}", ex.get("html", "")))
     sections.append(("Run manifest", f"<pre>{html.escape(json.dumps(manifest, indent=1, default=str))}</pre>"))
     page = html_page(f"persona_probe report — {manifest['config']['name']}", sections)
     atomic_write_text(root / "report.html", page)

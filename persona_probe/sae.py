@@ -1011,3 +1011,93 @@ __all__ = [
     "layer_token_activations", "load_sae", "lstsq_share", "model_names", "reconstruction_metrics", "splice_kl",
     "split_records", "top_examples", "top_examples_html", "train_sae", "training_records", "write_top_examples",
 ]
+
+
+# ----------------------------------------------------------------------------- pipeline stage
+
+
+def find_trained_sae(handle: ModelHandle, layers: Sequence[LayerId], root: str | Path | None = None
+                     ) -> Path | None:
+    """An SAE under checkpoints/saes/ trained on this exact model (fingerprint) at one of `layers`
+    (earlier entries preferred)."""
+    from .paths import checkpoints_dir
+
+    base = Path(root) if root is not None else checkpoints_dir() / "saes"
+    found: dict[Any, Path] = {}
+    for mf in sorted(base.glob(f"*/{MANIFEST}")):
+        try:
+            m = json.loads(mf.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if m.get("kind") == "sae" and m.get("model", {}).get("fingerprint") == handle.info.fingerprint:
+            found.setdefault(m.get("layer"), mf.parent)
+    return next((found[L] for L in layers if L in found), None)
+
+
+def run_sae_stage(cfg: dict[str, Any], handle: ModelHandle, direction: "DirectionSet", root: Path, k_dir: str,
+                  log: Any) -> dict[str, Any] | None:
+    """Pipeline hook: decompose the character direction on an SAE and diff persona vs neutral features.
+
+    `cfg["sae"]`: enabled (true | false | "auto": use an SAE when one is available), path (local folder) or
+    release + sae_id (sae-lens pretrained), n_questions, top. With "auto" and no SAE given, an SAE
+    trained on this model by `persona-probe sae train` is used when one exists at the direction's layers."""
+    from .pipeline import Stage, _key
+    from .prompts import contrast_questions, persona_records
+    from .reporting import fig_div
+
+    sc = cfg.get("sae") or {}
+    enabled = sc.get("enabled", "auto")
+    if enabled is False:
+        return None
+    src, sae_id = sc.get("path") or sc.get("release"), sc.get("sae_id")
+    if src is None:
+        order = [direction.best_layer] + [L for L in direction.layers if L != direction.best_layer]
+        found = find_trained_sae(handle, order)
+        if found is None:
+            if enabled is True:
+                raise PersonaProbeError("sae.enabled is true but no SAE is given (sae.path or sae.release + "
+                                        f"sae_id) and none is trained for this model: run `persona-probe sae train "
+                                        f"--layer {direction.best_layer}` first")
+            log("[sae] no SAE for this model: skipped (train one with `persona-probe sae train`)")
+            return None
+        src = str(found)
+    sae = load_sae(src, sae_id, handle=handle)
+    if sae.layer not in direction.layers:
+        raise PersonaProbeError(f"the SAE reads layer {sae.layer}, which the direction does not cover")
+    n_q, top = sc.get("n_questions", 20), int(sc.get("top", 20))
+    key = _key(k_dir, src, sae_id, n_q, top, (sae.manifest or {}).get("created"))
+    st = Stage(root, "sae", key, log)
+
+    def build(folder: Path) -> None:
+        dec = decompose(sae, direction.at(sae.layer))
+        qs = list(contrast_questions())[:n_q] if n_q else list(contrast_questions())
+        trait = direction.manifest.get("trait") or direction.manifest.get("name") or "malicious"
+        pos = persona_records(str(trait), "positive", qs)
+        neg = persona_records(str(trait), "negative", qs)
+        fd = diff_features(sae, pooled_layer_rows(handle, pos, int(sae.layer), "prompt_mean"),
+                           pooled_layer_rows(handle, neg, int(sae.layer), "prompt_mean"), top=top,
+                           labels=(str(trait), "neutral"))
+        diff = fd.to_dict(top)
+        feats = [r["feature"] for r in diff["top_by_mean"][:5]]
+        exs = top_examples(sae, handle, pos + neg, feats, n=3)
+        write_top_examples(exs, folder, title=f"SAE features: {trait} vs neutral")
+        atomic_write_json(folder / "sae.json", {
+            "sae": sae.describe(), "decomposition": dec.to_dict(top), "diff": diff,
+            "examples": {str(f): [{"record_id": e.record_id, "max_act": e.max_act, "text": e.text()} for e in v]
+                         for f, v in exs.items()}})
+
+    st.run(build)
+    res = json.loads((st.folder / "sae.json").read_text())
+    from .reporting import go
+
+    shares = res["decomposition"]["shares"]
+    dec_fig = go.Figure(go.Bar(x=[f"top-{k}" for k in shares], y=list(shares.values())))
+    dec_fig.update_layout(title="share of the direction reconstructed by its top-k decoder rows",
+                          yaxis_title="share (least squares, R²)", height=320)
+    rows = res["diff"]["top_by_mean"][:top]
+    html_ = (f"<p>SAE {html.escape(str(res['sae'].get('source')))} at layer {sae.layer} "
+             f"(d_sae {sae.d_sae}). Top-k reconstruction shares: {html.escape(json.dumps(shares))}. "
+             f"Top-activating contexts: <code>{html.escape(str(st.folder / 'top_examples.html'))}</code>.</p>"
+             + fig_div(dec_fig) + fig_div(feature_bar_figure(rows, "mean_diff", "features more active under the "
+                                                            "character prompts", ("character", "neutral"))))
+    return {"summary": {k: v for k, v in res.items() if k != "examples"}, "html": html_}

@@ -83,3 +83,25 @@ def test_report_renders_in_headless_chromium(run_dir, tmp_path):
     subprocess.run([_chromium(), *flags, "--window-size=1280,2000", f"--screenshot={shot}", url],
                    capture_output=True, timeout=180)
     assert shot.exists() and shot.stat().st_size > 10_000
+
+
+def test_pipeline_sae_stage(run_dir, tmp_path):
+    """The SAE stage: skipped when no SAE exists ("auto"), required when enabled, and with a given SAE folder
+    the report gains the decomposition + feature diff while earlier stages stay cached."""
+    from test_sae import make_sae
+
+    out, report, logs = run_dir
+    assert any("[sae] no SAE" in l for l in logs) and "sae" not in report["routes"]
+    with pytest.raises(PersonaProbeError, match="sae train"):
+        run_pipeline(load_config(overrides={**TINY, "sae": {"enabled": True}}), out=out, log=lambda m: None)
+    L = report["direction"]["best_layer"]
+    make_sae(576, 64, 4, hook=f"blocks.{L}.hook_resid_post").save_model(tmp_path / "sae")
+    logs2: list[str] = []
+    rep = run_pipeline(load_config(overrides={**TINY, "sae": {"path": str(tmp_path / "sae"), "n_questions": 4,
+                                                              "top": 5}}), out=out, log=logs2.append)
+    assert any("[steering] cached" in l for l in logs2) and any("[sae] running" in l for l in logs2)
+    sae = rep["routes"]["sae"]["summary"]
+    shares = sae["decomposition"]["shares"]
+    assert 0.0 <= shares["1"] <= shares["20"] <= 1.0 + 1e-6 and len(sae["diff"]["top_by_mean"]) <= 5
+    assert (out / "sae" / "top_examples.html").exists()
+    assert "SAE features of the direction" in (out / "report.html").read_text()
