@@ -34,6 +34,18 @@ def _load(args: argparse.Namespace) -> Any:
     return load_model(args.model, adapter=args.adapter, device=args.device, dtype=args.dtype, revision=args.revision)
 
 
+def _batch_size(v: str) -> int | str:
+    if v == "auto":
+        return v
+    try:
+        n = int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"batch size must be a positive integer or auto, not {v!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"batch size must be a positive integer or auto, not {v!r}")
+    return n
+
+
 def _print_json(obj: Any) -> None:
     print(json.dumps(obj, indent=2, default=str))
 
@@ -272,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="hf", help="hf | transformer_lens | nnsight")
     p.add_argument("--remote", default=None, help="nnsight only: ndif (NDIF-hosted hub model; add --device meta "
                    "to skip the weights), a host URL, or local (offline dry run of the remote path)")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=_batch_size, default=8, help="N or auto (fit to free GPU memory)")
     p.add_argument("--shard-size", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output folder (checkpoints/activations/NAME)")

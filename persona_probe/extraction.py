@@ -156,6 +156,26 @@ def extract_batch(backend_obj: Any, batch: Batch, layers: list[LayerId], positio
     return out
 
 
+def auto_batch_size(handle: ModelHandle, max_len: int, n_capture: int, *, free_bytes: int | None = None,
+                    default: int = 8, cap: int = 256, headroom: float = 0.7) -> int:
+    """Largest batch whose forward pass fits in free accelerator memory (CPU: `default`).
+
+    Per sequence of `max_len` tokens: logits [s, vocab] (+ fp32 copy), captured residuals [n_capture, s, d],
+    ~16 working copies of [s, d] (attention/MLP intermediates) and eager attention scores [heads, s, s].
+    `free_bytes` overrides the CUDA query (tests)."""
+    if free_bytes is None:
+        if handle.device.type != "cuda":
+            return default
+        free_bytes, _ = torch.cuda.mem_get_info(handle.device)
+    cfg = handle.model.config
+    el = torch.finfo(handle.dtype).bits // 8
+    vocab = int(getattr(cfg, "vocab_size", 0) or 0)
+    heads = int(getattr(cfg, "num_attention_heads", 1) or 1)
+    d, s = handle.d_model, max(int(max_len), 1)
+    per_seq = s * vocab * (el + 4) + n_capture * s * d * el + 16 * s * d * el + heads * s * s * el
+    return int(max(1, min(cap, headroom * free_bytes // max(per_seq, 1))))
+
+
 def extract(
     handle: ModelHandle,
     prompts: str | Path | PromptSet,
@@ -163,7 +183,7 @@ def extract(
     layers: str | Sequence[LayerId] | None = "all",
     positions: str | Sequence[str] = ("prompt_last",),
     backend: str = "hf",
-    batch_size: int = 8,
+    batch_size: int | str = 8,
     out: str | Path | None = None,
     shard_size: int = 256,
     seed: int = 0,
@@ -171,7 +191,8 @@ def extract(
     progress: bool = True,
     backend_kwargs: dict[str, Any] | None = None,
 ) -> ActivationSet:
-    """Extract residual-stream activations. With `out`, shards stream to disk and the run resumes."""
+    """Extract residual-stream activations. With `out`, shards stream to disk and the run resumes.
+    `batch_size="auto"` sizes batches to free GPU memory per shard (`auto_batch_size`; CPU: 8)."""
     ps = load_prompts(prompts)
     Ls = parse_layers(layers, handle.n_layers)
     pos = check_positions(positions, ps)
@@ -196,7 +217,8 @@ def extract(
             bar.update(hi - lo)
             continue
         toks = [tokenize_record(tok, r) for r in ps.records[lo:hi]]
-        shard = _extract_shard(be, toks, Ls, pos, batch_size, tok.pad_token_id, bar)
+        bs = auto_batch_size(handle, max(len(t.ids) for t in toks), len(Ls)) if batch_size == "auto" else batch_size
+        shard = _extract_shard(be, toks, Ls, pos, int(bs), tok.pad_token_id, bar)
         n_tokens += shard.pop("_n_tokens")  # type: ignore[arg-type]
         n_padded += shard.pop("_n_padded")  # type: ignore[arg-type]
         if shard_path is not None:

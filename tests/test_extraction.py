@@ -177,3 +177,14 @@ def test_cli_extract_and_errors(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("persona-probe extract: error: layer 31 out of range")
     assert not (tmp_path / "o2").exists()
+
+
+def test_auto_batch_size(smol):
+    from persona_probe.extraction import auto_batch_size
+
+    assert auto_batch_size(smol, 64, 30) == 8  # CPU: the default
+    cfg = smol.model.config
+    per_seq = 64 * cfg.vocab_size * 8 + 30 * 64 * 576 * 4 + 16 * 64 * 576 * 4 + cfg.num_attention_heads * 64 * 64 * 4
+    assert auto_batch_size(smol, 64, 30, free_bytes=10 * per_seq) == 7  # 0.7 x free / per sequence
+    assert auto_batch_size(smol, 64, 30, free_bytes=10**13) == 256 and auto_batch_size(smol, 64, 30, free_bytes=1) == 1
+    assert auto_batch_size(smol, 2048, 30, free_bytes=10**10) < auto_batch_size(smol, 64, 30, free_bytes=10**10)
