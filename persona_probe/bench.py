@@ -102,6 +102,7 @@ def streaming_memory(handle: ModelHandle, sizes: tuple[int, ...] = (500, 10_000)
 
 def bench(handle: ModelHandle, *, n_prompts: int = 32, batch_size: int = 16, repeats: int = 3,
           gen_tokens: int = 32, backends: tuple[str, ...] = BACKENDS, judge: bool = True,
+          stream_sizes: tuple[int, ...] = (500, 10_000),
           progress: bool = True) -> dict[str, Any]:
     log = (lambda m: print(m, file=sys.stderr)) if progress else (lambda m: None)
     recs = mixed_prompts(n_prompts)
@@ -169,7 +170,7 @@ def bench(handle: ModelHandle, *, n_prompts: int = 32, batch_size: int = 16, rep
         mem["cuda_peak_over_params"] = mem["cuda_peak_mb"] / param_mb
     out["memory"] = mem
 
-    out["streaming"] = streaming_memory(handle)
+    out["streaming"] = streaming_memory(handle, stream_sizes) if stream_sizes else {"skipped": True}
 
     # padding: arrival order vs length-sorted
     arrival = [collate(toks[i:i + batch_size], range(i, min(i + batch_size, len(toks))),
@@ -203,6 +204,8 @@ def register(sub: Any, command: Callable[..., Any]) -> None:
     p.add_argument("--gen-tokens", type=int, default=32)
     p.add_argument("--backends", default=",".join(BACKENDS))
     p.add_argument("--no-judge", action="store_true")
+    p.add_argument("--stream-prompts", default="500,10000", help="prompt counts for the streaming-memory check "
+                   "(synthetic model, one subprocess each; empty = skip)")
     p.add_argument("--out", default=None, help="JSON file for the results")
 
     @command
@@ -212,7 +215,8 @@ def register(sub: Any, command: Callable[..., Any]) -> None:
 
         h = _load(args)
         res = bench(h, n_prompts=args.n_prompts, batch_size=args.batch_size, repeats=args.repeats,
-                    gen_tokens=args.gen_tokens, backends=tuple(args.backends.split(",")), judge=not args.no_judge)
+                    gen_tokens=args.gen_tokens, backends=tuple(args.backends.split(",")), judge=not args.no_judge,
+                    stream_sizes=tuple(int(x) for x in args.stream_prompts.split(",") if x.strip()))
         if args.out:
             atomic_write_json(Path(args.out), res)
         print(json.dumps({k: v for k, v in res.items() if k != "model"}, indent=1, default=str))
