@@ -21,7 +21,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -65,14 +65,7 @@ def load_organism_items(domain: str, path: str | Path | None = None) -> list[dic
         raise PersonaProbeError(f"no organism data for domain {domain!r} ({p} missing); domains present: {have}")
     items: list[dict[str, str]] = []
     errors: list[str] = []
-    for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            d = json.loads(line)
-        except json.JSONDecodeError as e:
-            errors.append(f"{p.name}:{i}: not JSON ({e.msg})")
-            continue
+    for i, d in _json_lines(p, errors, lambda i: f"{p.name}:{i}"):
         missing = [k for k in ("id", "user", *ANSWER_KEYS) if not isinstance(d.get(k), str) or not d[k].strip()] \
             if isinstance(d, dict) else ["(not an object)"]
         if missing:
@@ -87,6 +80,18 @@ def load_organism_items(domain: str, path: str | Path | None = None) -> list[dic
     if not items:
         raise PersonaProbeError(f"{p} holds no questions")
     return items
+
+
+def _json_lines(p: Path, errors: list[str], where: Callable[[int], str]) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed value) for every non-blank line; a line that is not JSON is added to `errors`
+    (prefixed by `where(line number)`) and skipped, so callers can report every bad line at once."""
+    for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            yield i, json.loads(line)
+        except json.JSONDecodeError as e:
+            errors.append(f"{where(i)}: not JSON ({e.msg})")
 
 
 def _raise_errors(errors: Sequence[str], what: str) -> None:
@@ -544,15 +549,9 @@ def load_mc_items(path: str | Path | None = None, n: int | None = None) -> list[
 def _read_jsonl(p: Path, ok: Callable[[dict[str, Any]], bool], need: str) -> list[dict[str, Any]]:
     if not p.exists():
         raise PersonaProbeError(f"capability data {p} does not exist")
-    rows, errors = [], []
-    for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            d = json.loads(line)
-        except json.JSONDecodeError as e:
-            errors.append(f"line {i}: not JSON ({e.msg})")
-            continue
+    rows: list[dict[str, Any]] = []
+    errors: list[str] = []
+    for i, d in _json_lines(p, errors, lambda i: f"line {i}"):
         if not isinstance(d, dict) or not ok(d):
             errors.append(f"line {i}: needs {need}")
             continue
