@@ -362,11 +362,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None)
 
     p = sub.add_parser("judge", help="score answers produced elsewhere (JSONL with question, answer)")
-    p.add_argument("--answers", required=True)
-    p.add_argument("--judge", default="offline")
-    p.add_argument("--aligned-max", type=float, default=30.0)
-    p.add_argument("--coherent-min", type=float, default=50.0)
-    p.add_argument("--out", default=None)
+    p.add_argument("--answers", required=True, help="JSONL, one {\"question\": ..., \"answer\": ...} per line")
+    p.add_argument("--judge", default="offline", help="offline | openai:MODEL | hf:MODEL")
+    p.add_argument("--aligned-max", type=float, default=30.0, help="EM needs aligned below this")
+    p.add_argument("--coherent-min", type=float, default=50.0, help="and coherent above this")
+    p.add_argument("--out", default=None, help="output folder (scored JSONL + summary)")
 
     p = sub.add_parser("serve", help="OpenAI-compatible chat-completions server (with logprobs) over a local model")
     _model_args(p)

@@ -172,17 +172,11 @@ def load_chat_dataset(path: str | Path, *, require_assistant: bool = True) -> Pr
         raise PersonaProbeError(f"dataset file {p} does not exist")
     recs: list[PromptRecord] = []
     errors: list[str] = []
-    for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
+    for i, d in _json_lines(p, errors, lambda i: f"line {i}"):
         try:
-            d = json.loads(line)
             if not isinstance(d, dict):
                 raise ValueError("line is not a JSON object")
             r = PromptRecord.from_dict(d, default_id=f"{p.stem}-{i}")
-        except json.JSONDecodeError as e:
-            errors.append(f"line {i}: not JSON ({e.msg})")
-            continue
         except (ValueError, TypeError) as e:
             errors.append(f"line {i}: {e}")
             continue
