@@ -29,7 +29,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "direction": {"trait": "malicious", "position": "prompt_last", "layers": "all", "n_questions": None,
                   "n_prompts": 3, "test_frac": 0.25, "batch_size": 16},
     "steering": {"alphas": [0.0, 0.5, 1.0], "layers": None, "unit": "resid", "where": "all",
-                 "questions": "builtin:core", "questions_limit": None, "samples": 2, "max_new_tokens": 48, "temperature": 1.0,
+                 "questions": "builtin:core", "questions_limit": None, "samples": 2, "max_new_tokens": 40, "temperature": 1.0,
                  "include_random": True, "batch_size": 32},
     "judge": "offline",
     "routes": {"persona": False, "icl": False},

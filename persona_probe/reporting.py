@@ -102,11 +102,9 @@ def sweep_figure(cells: Sequence[dict[str, Any]], title: str = "steering sweep")
         name = f"{kind} L{L}"
         col = 1
         if has_em:
-            ys = [c.get("em_rate") or 0.0 for c in cs]
-            fig.add_trace(go.Scatter(x=xs, y=ys, name=name, mode="lines+markers", line={"dash": dash},
-                                     legendgroup=name, error_y={"type": "data", "symmetric": False,
-                                     "array": [c["em_ci95"][1] - y for c, y in zip(cs, ys)],
-                                     "arrayminus": [y - c["em_ci95"][0] for c, y in zip(cs, ys)]}), 1, 1)
+            # a cell with no coherent answer has no EM rate: leave a gap, never plot it as 0
+            fig.add_trace(go.Scatter(x=xs, y=[c.get("em_rate") for c in cs], name=name, mode="lines+markers",
+                                     line={"dash": dash}, legendgroup=name, error_y=_err(cs)), 1, 1)
             fig.add_trace(go.Scatter(x=xs, y=[c.get("mean_coherent") for c in cs], name=name, mode="lines+markers",
                                      line={"dash": dash}, legendgroup=name, showlegend=False), 1, 2)
             col = 3
@@ -120,9 +118,11 @@ def sweep_figure(cells: Sequence[dict[str, Any]], title: str = "steering sweep")
 
 
 def _err(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    ys = [r.get("em_rate") or 0.0 for r in rows]
-    return {"type": "data", "symmetric": False, "array": [r["em_ci95"][1] - y for r, y in zip(rows, ys)],
-            "arrayminus": [y - r["em_ci95"][0] for r, y in zip(rows, ys)]}
+    """Asymmetric Wilson error bars; none where the EM rate is undefined (no coherent answer)."""
+    ys = [r.get("em_rate") for r in rows]
+    return {"type": "data", "symmetric": False,
+            "array": [0.0 if y is None else r["em_ci95"][1] - y for r, y in zip(rows, ys)],
+            "arrayminus": [0.0 if y is None else y - r["em_ci95"][0] for r, y in zip(rows, ys)]}
 
 
 def route_figure(res: dict[str, Any]) -> go.Figure:
