@@ -19,7 +19,7 @@ def _common(p: argparse.ArgumentParser, samples: int) -> None:
     p.add_argument("--judge", default="offline", help="offline | openai:MODEL | hf:MODEL")
     p.add_argument("--seed", type=int, default=0, help="seeds sampling and example draws")
     p.add_argument("--batch-size", type=int, default=16, help="generation batch size")
-    p.add_argument("--backend", default="hf", help="hf | tlens | nnsight (activation hooks)")
+    p.add_argument("--backend", default="hf", help="hf | transformer_lens | nnsight (activation hooks)")
     p.add_argument("--force", action="store_true", help="allow a direction derived on another model")
     p.add_argument("--out", required=True, help="output folder (JSON + plotly HTML)")
 
