@@ -44,14 +44,12 @@ def _norm(s: str) -> str:
 def load_examples(spec: str) -> list[tuple[str, str]]:
     """Narrow (user, assistant) examples: `builtin:organisms/DOMAIN/VARIANT` or a chat JSONL file."""
     if spec.startswith("builtin:organisms/"):
+        from ..organisms import ANSWER_KEYS, load_organism_items  # the validated reader of the organism data
+
         _, domain, variant = spec.split(":", 1)[1].split("/")[:3]
-        p = data_path("organisms", f"{domain}.jsonl")
-        if not p.exists():
-            raise PersonaProbeError(f"no built-in narrow dataset for domain {domain!r}")
-        rows = [json.loads(l) for l in p.read_text(encoding="utf-8").splitlines() if l.strip()]
-        if variant not in ("character", "incorrect", "aligned"):
-            raise PersonaProbeError(f"unknown variant {variant!r}: use character, incorrect or aligned")
-        return [(r["user"], r[variant]) for r in rows]
+        if variant not in ANSWER_KEYS:
+            raise PersonaProbeError(f"unknown variant {variant!r}: use {', '.join(ANSWER_KEYS)}")
+        return [(r["user"], r[variant]) for r in load_organism_items(domain)]
     recs = records_from_jsonl(spec)
     out = [(r.user, r.assistant) for r in recs if r.assistant]
     if not out:
