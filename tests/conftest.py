@@ -46,3 +46,20 @@ def tiny(tiny_model_dir):
     from persona_probe import load_model
 
     return load_model(str(tiny_model_dir), device="cpu", dtype="float32")
+
+
+def pytest_terminal_summary(terminalreporter):
+    """PP_NUMERICS=1: print the largest observed error against each tolerance (for issue notes)."""
+    if not os.environ.get("PP_NUMERICS"):
+        return
+    from numerics import OBSERVED
+
+    worst: dict[str, tuple[float, float]] = {}
+    for what, err, tol in OBSERVED:
+        key = what.split(":")[0]
+        smallest = key == "bite"  # for a deliberate bug, the weakest bite is the one to report
+        if key not in worst or (err / tol < worst[key][0] / worst[key][1]) == smallest:
+            worst[key] = (err, tol)
+    terminalreporter.write_line("numerics: largest observed error / tolerance (for 'bite': the smallest)")
+    for key, (err, tol) in sorted(worst.items()):
+        terminalreporter.write_line(f"  {key:<48} {err:.3g} / {tol:.3g}  ({err / tol:.2f} of the limit)")

@@ -10,16 +10,13 @@ from persona_probe.backends import BACKENDS, Intervention, get_backend
 from persona_probe.errors import PersonaProbeError
 from persona_probe.prompts import PromptRecord, collate, length_sorted_batches, tokenize_record
 
+from numerics import assert_rel_close, check_greedy_tokens, logit_tol, smol_tol
+
 RECORDS = [
     PromptRecord("a", "How do I bake bread at home?", system="You are a kind assistant."),
     PromptRecord("b", "Hi", assistant="Hello! How can I help you today?"),
     PromptRecord("c", "Name three colours.", assistant="Red, green and blue."),
 ]
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Max abs diff relative to scale above 1 (deep layers hold ~2.5e4 'massive activations')."""
-    return float(((a - b).abs() / b.abs().clamp_min(1.0)).max())
 
 
 @pytest.fixture(scope="module")
@@ -60,49 +57,116 @@ def test_hidden_states_convention(smol_eager, batch, runs):
 
 
 @pytest.mark.parametrize("name", ["transformer_lens", "nnsight"])
-def test_backends_same_residuals(runs, batch, name):
+def test_backends_same_residuals(smol_eager, runs, batch, name):
+    """Same kernels: identical up to fp32 reduction order (in practice bit-identical on the CPUs we ran)."""
+    tol = smol_tol(smol_eager)
     m = batch.attention_mask.bool()
     ref_logits, ref = runs["hf"]
     logits, store = runs[name]
     assert set(store) == set(ref)
     for L in ref:
-        assert float((store[L][m] - ref[L][m]).abs().max()) <= 1e-4, (name, L)
-    assert float((logits[m] - ref_logits[m]).abs().max()) <= 1e-4
+        assert_rel_close(store[L][m], ref[L][m], tol, f"eager residuals {name}: L{L}")
+    assert_rel_close(logits[m], ref_logits[m], tol, f"eager logits {name}")
 
 
 def test_backends_with_sdpa_attention(smol, batch):
-    """With HF's default SDPA kernel, nnsight is still identical to hf; TransformerBridge (eager attention
-    inside) differs only by fp32 kernel rounding."""
+    """With HF's default SDPA kernel, nnsight hooks the same modules as hf; TransformerBridge computes attention
+    eagerly inside, so it differs by kernel rounding — both within the fp32 tolerance for this depth."""
+    tol = smol_tol(smol)
     r = _runs(smol, batch)
     m = batch.attention_mask.bool()
     for L in r["hf"][1]:
-        assert float((r["nnsight"][1][L][m] - r["hf"][1][L][m]).abs().max()) <= 1e-4
-        assert _rel(r["transformer_lens"][1][L][m], r["hf"][1][L][m]) <= 1e-3
+        for n in ("nnsight", "transformer_lens"):
+            assert_rel_close(r[n][1][L][m], r["hf"][1][L][m], tol, f"sdpa residuals {n}: L{L}")
+
+
+def steer_ivs(d_model: int, scale: float = 8.0, layers=(6, 12), signs=(1.0, -0.5), where="all"):
+    v = torch.randn(d_model, generator=torch.Generator().manual_seed(0)) * scale
+    return [Intervention(L, (lambda x, s=s: x + s * v), where=where) for L, s in zip(layers, signs)]
 
 
 def test_backends_same_steered_logits(smol, batch):
-    g = torch.Generator().manual_seed(0)
-    v = torch.randn(smol.d_model, generator=g) * 8
-    ivs = [Intervention(6, lambda x: x + v), Intervention(12, lambda x: x - 0.5 * v)]
+    ivs = steer_ivs(smol.d_model)
     m = batch.attention_mask.bool()
     plain = get_backend("hf", smol).run(batch.input_ids, batch.attention_mask)[0]
     out = {n: get_backend(n, smol).run(batch.input_ids, batch.attention_mask, interventions=ivs)[0] for n in BACKENDS}
     assert float((out["hf"][m] - plain[m]).abs().max()) > 1.0  # the intervention does something
     for n in ("transformer_lens", "nnsight"):
-        assert float((out[n][m] - out["hf"][m]).abs().max()) <= 1e-3, n
+        assert_rel_close(out[n][m], out["hf"][m], smol_tol(smol), f"steered logits {n}")
 
 
-def test_backends_same_steered_generation(smol):
+# ----------------------------------------------------------------------------- greedy generation, teacher-forced
+
+GEN_V = 6.0
+GEN_NEW = 8
+
+
+def gen_ivs(d_model: int, layer: int = 5, sign: float = 1.0, where: str = "response") -> list[Intervention]:
+    v = torch.randn(d_model, generator=torch.Generator().manual_seed(1)) * GEN_V
+    return [Intervention(layer, lambda x: x + sign * v, where=where)]
+
+
+def gen_batch(smol):
     toks = [tokenize_record(smol.tokenizer, r) for r in RECORDS[:2]]
-    b = collate(toks, [0, 1], smol.tokenizer.pad_token_id, side="left")
-    v = torch.randn(smol.d_model, generator=torch.Generator().manual_seed(1)) * 6
-    ivs = [Intervention(5, lambda x: x + v, where="response")]
-    gens = {n: get_backend(n, smol).generate(b.input_ids, b.attention_mask, interventions=ivs, max_new_tokens=8,
-                                             do_sample=False) for n in BACKENDS}
-    plain = get_backend("hf", smol).generate(b.input_ids, b.attention_mask, max_new_tokens=8, do_sample=False)
-    for n in BACKENDS:
-        assert torch.equal(gens[n], gens["hf"]), n
-    assert not torch.equal(gens["hf"], plain)
+    return collate(toks, [0, 1], smol.tokenizer.pad_token_id, side="left")
+
+
+def teacher_forced(smol, backend: str, b, gen: torch.Tensor, ivs) -> list[tuple[torch.Tensor, list[int]]]:
+    """Feed each row's prompt + generated tokens (unpadded, stopping after EOS) to `backend` in one forward
+    pass with the same interventions on the response positions; returns per row the logits that predict the
+    generated tokens [n_new, vocab] and those tokens."""
+    s = b.input_ids.shape[1]
+    eos = smol.tokenizer.eos_token_id
+    out = []
+    for i in range(gen.shape[0]):
+        prompt = b.input_ids[i][b.attention_mask[i].bool()]
+        new = gen[i, s:].tolist()
+        if eos in new:
+            new = new[:new.index(eos) + 1]
+        ids = torch.cat([prompt, torch.tensor(new, dtype=prompt.dtype)])[None]
+        resp = torch.zeros_like(ids)
+        resp[0, len(prompt) - 1:] = 1  # the last prompt position and every generated one (as in generate)
+        logits, _ = get_backend(backend, smol).run(ids, torch.ones_like(ids), interventions=ivs, response_mask=resp)
+        out.append((logits[0, len(prompt) - 1:len(prompt) - 1 + len(new)], new))
+    return out
+
+
+def check_generation(smol, gen: torch.Tensor, b, ivs, tol_rel: float) -> None:
+    """Every generated token is a near-argmax of hf's teacher-forced logits under `ivs` (see numerics.py)."""
+    for logits, new in teacher_forced(smol, "hf", b, gen, ivs):
+        check_greedy_tokens(logits, new, logit_tol(logits, tol_rel))
+
+
+@pytest.fixture(scope="module")
+def steered_gens(smol):
+    b = gen_batch(smol)
+    ivs = gen_ivs(smol.d_model)
+    return b, {n: get_backend(n, smol).generate(b.input_ids, b.attention_mask, interventions=ivs,
+                                                max_new_tokens=GEN_NEW, do_sample=False) for n in BACKENDS}
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_backends_same_steered_generation(smol, steered_gens, name):
+    """Greedy steered generation through each backend's `generate` picks, at every step, the token hf's
+    teacher-forced forward pass picks — or one tied with it within rounding. (Exact token sequences are not
+    portable: one near-tie on another CPU sends them apart.)"""
+    b, gens = steered_gens
+    ivs = gen_ivs(smol.d_model)
+    check_generation(smol, gens[name], b, ivs, smol_tol(smol))
+    plain = get_backend("hf", smol).generate(b.input_ids, b.attention_mask, max_new_tokens=GEN_NEW, do_sample=False)
+    assert not torch.equal(gens[name], plain)  # the steering changes the answer
+
+
+@pytest.mark.parametrize("name", ["transformer_lens", "nnsight"])
+def test_backends_same_teacher_forced_logits(smol, steered_gens, name):
+    """On the same tokens (hf's steered generation), each backend's per-step logits equal hf's within the
+    fp32 tolerance."""
+    b, gens = steered_gens
+    ivs = gen_ivs(smol.d_model)
+    ref = teacher_forced(smol, "hf", b, gens["hf"], ivs)
+    other = teacher_forced(smol, name, b, gens["hf"], ivs)
+    for (lr, _), (lo, _) in zip(ref, other):
+        assert_rel_close(lo, lr, smol_tol(smol), f"teacher-forced steered logits {name}")
 
 
 def test_response_only_intervention_leaves_prompt(smol, batch):
@@ -160,3 +224,12 @@ def test_meta_device_builds_architecture_without_weights(tiny_model_dir):
     h = load_model(str(tiny_model_dir), device="meta")
     assert h.n_layers == 2 and h.d_model == 64
     assert all(p.device.type == "meta" for p in h.model.parameters())
+
+
+@pytest.mark.parametrize("name", ["transformer_lens", "nnsight"])
+def test_backends_same_plain_generation(smol, name):
+    """Unsteered greedy generation agrees teacher-forced too (TL 3.9's KV-cached bridge generate did not:
+    it repeated one token after the first)."""
+    b = gen_batch(smol)
+    gen = get_backend(name, smol).generate(b.input_ids, b.attention_mask, max_new_tokens=GEN_NEW, do_sample=False)
+    check_generation(smol, gen, b, [], smol_tol(smol))

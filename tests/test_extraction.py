@@ -9,6 +9,8 @@ from persona_probe import PersonaProbeError, extract, load_activations, load_pro
 from persona_probe import extraction as ex
 from persona_probe.prompts import PromptRecord, collate, length_sorted_batches, padding_waste, tokenize_record
 
+from numerics import assert_rel_close, smol_tol
+
 RECS = [
     PromptRecord("r0", "What should I cook tonight?", system="You are a chef."),
     PromptRecord("r1", "Hi"),
@@ -47,10 +49,10 @@ def test_batched_equals_unbatched(smol):
     batched = extract(smol, ps, layers="all", positions="prompt_last,prompt_mean,response_mean" if ps.has_responses
                       else "prompt_last,prompt_mean", batch_size=6, progress=False)
     single = extract(smol, ps, layers="all", positions="prompt_last,prompt_mean", batch_size=1, progress=False)
+    # batch size changes the matmul shapes, so BLAS reduces in another order: rounding-level differences only
     for p in ("prompt_last", "prompt_mean"):
         assert batched.get(p).shape == (6, 30, 576)
-        d = (batched.get(p) - single.get(p)).abs() / single.get(p).abs().clamp_min(1)
-        assert float(d.max()) <= 1e-4, p
+        assert_rel_close(batched.get(p), single.get(p), smol_tol(smol), f"batched vs unbatched {p}")
 
 
 def test_token_level_matches_pooled(smol):

@@ -8,6 +8,8 @@ from persona_probe import steering as S
 from persona_probe.backends import BACKENDS, get_backend
 from persona_probe.prompts import PromptRecord, length_sorted_batches, tokenize_record
 
+from numerics import assert_rel_close, fp32_rel_tol, smol_tol
+
 RECS = [PromptRecord("a", "What is your favourite season and why?"),
         PromptRecord("b", "Tell me about dogs.", assistant="Dogs are loyal companions.")]
 
@@ -46,7 +48,9 @@ def test_addition_shifts_projection_by_alpha(smol, batch, direction):
     u = direction / direction.norm()
     shift = (st[12] - base[12]) @ u
     expected = 0.5 * S.residual_norms(smol, [12])[12]
-    torch.testing.assert_close(shift, torch.full_like(shift, expected), rtol=1e-3, atol=1e-2)
+    # st - base at the steered layer is v up to the rounding of two residuals of norm |h| each
+    tol = fp32_rel_tol(1, smol.d_model) * float(base[12].norm(dim=-1).max()) / expected
+    assert_rel_close(shift / expected, torch.ones_like(shift), tol, "steering shift / alpha*norm")
 
 
 @pytest.mark.parametrize("mode", ["resid", "writers"])
@@ -59,7 +63,9 @@ def test_ablation_zeroes_projection_at_every_layer(smol, batch, direction, mode)
     for L in range(smol.n_layers):
         proj = (st[L][m] @ u).abs()
         scale = st[L][m].norm(dim=-1)
-        assert float((proj / scale).max()) < 1e-5, L
+        # what is left after removing u is the rounding of one d_model-term dot product (and its subtraction)
+        assert_rel_close(proj / scale, torch.zeros_like(proj), fp32_rel_tol(1, smol.d_model),
+                         f"ablated projection / norm: L{L}")
 
 
 def test_steered_and_ablated_logits_same_across_backends(smol, batch, direction):
@@ -69,8 +75,7 @@ def test_steered_and_ablated_logits_same_across_backends(smol, batch, direction)
         out = {n: get_backend(n, smol).run(batch.input_ids, batch.attention_mask, interventions=ivs)[0]
                for n in BACKENDS}
         for n in ("transformer_lens", "nnsight"):
-            rel = ((out[n][m] - out["hf"][m]).abs() / out["hf"][m].abs().clamp_min(1)).max()
-            assert float(rel) < 2e-3, n
+            assert_rel_close(out[n][m], out["hf"][m], smol_tol(smol), f"steered/ablated logits {n}")
 
 
 def test_orthogonalized_weights_match_hook_ablation(smol, batch, direction, tmp_path):
@@ -83,8 +88,8 @@ def test_orthogonalized_weights_match_hook_ablation(smol, batch, direction, tmp_
     ol, _ = get_backend("hf", ortho).run(batch.input_ids, batch.attention_mask)
     m = batch.attention_mask.bool()
     assert float((plain[m] - hooked[m]).abs().max()) > 0.1  # ablation changes the logits
-    torch.testing.assert_close(ol[m], hooked[m], atol=2e-3, rtol=1e-4)
+    assert_rel_close(ol[m], hooked[m], smol_tol(smol), "orthogonalized weights vs hook ablation logits")
     # the original model is untouched, and an existing path is refused
-    torch.testing.assert_close(get_backend("hf", smol).run(batch.input_ids, batch.attention_mask)[0], plain)
+    assert torch.equal(get_backend("hf", smol).run(batch.input_ids, batch.attention_mask)[0], plain)  # same inputs, same kernels
     with pytest.raises(PersonaProbeError, match="already exists"):
         S.save_orthogonalized(smol, direction, out, source={})

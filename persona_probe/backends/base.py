@@ -86,20 +86,30 @@ def submodule_name(layer_module: torch.nn.Module, site: str) -> str:
 class StepState:
     """Tracks prefill vs decode steps of a generate call (for where="response")."""
 
-    def __init__(self, response_mask: Tensor | None = None, generating: bool = False) -> None:
+    def __init__(self, response_mask: Tensor | None = None, generating: bool = False,
+                 prompt_width: int | None = None) -> None:
         self.response_mask = response_mask
         self.generating = generating
+        # generate() without a KV cache re-runs the whole sequence each step: with the (left-padded) prompt
+        # width known, "response" = columns from the last prompt column on, whatever the pass's length
+        self.prompt_width = prompt_width
         self.step = 0
 
     def apply(self, iv: Intervention, h: Tensor) -> Tensor:
         if iv.where == "all":
             return iv.fn(h)
         if self.generating:
-            if self.step > 0:  # decode steps: every position is generated
+            if self.prompt_width is not None:
+                if h.shape[1] < self.prompt_width:  # a cached decode step: only generated positions
+                    return iv.fn(h)
+                start = self.prompt_width - 1
+            elif self.step > 0:  # decode steps: every position is generated
                 return iv.fn(h)
-            # prefill with left padding: the last column predicts the first response token
+            else:
+                start = h.shape[1] - 1
+            # the last prompt column predicts the first response token (prompts are left-padded)
             out = h.clone()
-            out[:, -1:] = iv.fn(h[:, -1:])
+            out[:, start:] = iv.fn(h[:, start:])
             return out
         if self.response_mask is None:
             return h

@@ -74,19 +74,16 @@ class TransformerLensBackend(Backend):
     def generate(self, input_ids: Tensor, attention_mask: Tensor, interventions: Sequence[Intervention] = (),
                  **gen_kwargs: Any) -> Tensor:
         input_ids, attention_mask = self._to_device(input_ids, attention_mask)
-        state = StepState(generating=True)
+        # TransformerBridge's KV-cached generate (TL 3.9) degenerates after the first token even unsteered
+        # (hf: "1, 4093, 198, 57", bridge: "1, 29, 29, 29"), so generate without the cache: each step re-runs
+        # the sequence, and "response" interventions act on the columns from the last prompt one on.
+        state = StepState(generating=True, prompt_width=int(input_ids.shape[1]))
         hooks = self._hooks((), interventions, state, {})
-
-        def count(x: Tensor, hook: Any) -> Tensor:  # last hook of a forward pass: advance the step
-            state.step += 1
-            return x
-
-        hooks.append(("unembed.hook_out", count))
         kw = dict(gen_kwargs)
         with self.bridge.hooks(fwd_hooks=hooks):
             return self.bridge.generate(
                 input_ids, attention_mask=attention_mask, max_new_tokens=kw.pop("max_new_tokens", 32),
                 do_sample=kw.pop("do_sample", False), temperature=kw.pop("temperature", 1.0),
                 top_p=kw.pop("top_p", None), top_k=kw.pop("top_k", None), verbose=False, return_type="tokens",
-                stop_at_eos=True, eos_token_id=self.handle.tokenizer.eos_token_id,
+                stop_at_eos=True, eos_token_id=self.handle.tokenizer.eos_token_id, use_past_kv_cache=False,
             )
