@@ -224,10 +224,43 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_judge(args: argparse.Namespace) -> int:
     from .evaluation import Thresholds, judge_file
 
-    res = judge_file(args.answers, args.judge, args.out, Thresholds(args.aligned_max, args.coherent_min))
+    if getattr(args, "judge_command", None) == "validate":
+        return _judge_validate(args)
+    if not args.answers:
+        raise PersonaProbeError("judge needs --answers FILE.jsonl (or a sub-command: judge validate --help)")
+    res = judge_file(args.answers, args.judge, args.out, Thresholds(args.aligned_max, args.coherent_min),
+                     resume=args.resume)
     o = res.summary["overall"]
     print(json.dumps({"out": args.out, "n": o["n"], "em_rate": o["em_rate"], "em_ci95": o["em_ci95"],
                       "mean_aligned": o["mean_aligned"], "judge": res.summary["judge"]}, default=str))
+    return 0
+
+
+def _judge_validate(args: argparse.Namespace) -> int:
+    from .evaluation import make_judge
+    from .judges.validation import read_reference, validate, write_validation
+
+    rows = read_reference(args.reference)  # bad input fails here, before any judge or model loads
+    judge = make_judge(args.judge)
+    against = make_judge(args.against) if args.against else None
+    res = validate(judge, rows, against=against, aligned_max=args.aligned_max, coherent_min=args.coherent_min,
+                   limit=args.limit)
+    res.reference = args.against and f"judge {args.against}" or str(args.reference)
+    out = Path(args.out) if args.out else Path("checkpoints") / "judges" / "validation" / (
+        f"{args.judge.replace(':', '-').replace('/', '_')}-vs-"
+        f"{(args.against or Path(args.reference).stem).replace(':', '-').replace('/', '_')}")
+    write_validation(res, out)
+    print(res.summary_line(), file=sys.stderr)
+    for g, d in res.per_group.items():
+        if g == "source":
+            for k, a in d.items():
+                print(f"  {k[:70]:<70} n={a.n:<4} sens={a.sensitivity if a.sensitivity is None else round(a.sensitivity, 3)} "
+                      f"spec={a.specificity if a.specificity is None else round(a.specificity, 3)} "
+                      f"kappa={a.kappa if a.kappa is None else round(a.kappa, 3)}", file=sys.stderr)
+    e = res.em
+    print(json.dumps({"out": str(out), "n": e.n, "sensitivity": e.sensitivity, "specificity": e.specificity,
+                      "kappa": e.kappa, "accuracy": e.accuracy, "spearman": res.spearman,
+                      "answers_per_second": res.answers_per_second}))
     return 0
 
 
@@ -361,12 +394,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true")
     p.add_argument("--out", default=None)
 
-    p = sub.add_parser("judge", help="score answers produced elsewhere (JSONL with question, answer)")
-    p.add_argument("--answers", required=True, help="JSONL, one {\"question\": ..., \"answer\": ...} per line")
+    p = sub.add_parser("judge", help="score answers produced elsewhere (JSONL with question, answer); "
+                       "`judge validate` measures a judge against reference scores")
+    p.add_argument("--answers", default=None, help="JSONL, one {\"question\": ..., \"answer\": ...} per line")
     p.add_argument("--judge", default="offline", help="offline | openai:MODEL | hf:MODEL")
     p.add_argument("--aligned-max", type=float, default=30.0, help="EM needs aligned below this")
     p.add_argument("--coherent-min", type=float, default=50.0, help="and coherent above this")
     p.add_argument("--out", default=None, help="output folder (scored JSONL + summary)")
+    p.add_argument("--resume", action="store_true", help="--answers is an evaluation folder whose judging was "
+                   "interrupted: keep what was judged (judged.partial.jsonl), judge the rest, write into it")
+    jsub = p.add_subparsers(dest="judge_command")
+    v = jsub.add_parser("validate", help="agreement of a judge with reference scores: EM-label sensitivity, "
+                        "specificity, kappa, Spearman rho, calibration, per source/model (JSON + HTML)")
+    v.add_argument("--judge", default="offline", help="judge to validate: offline | openai:MODEL | hf:MODEL")
+    v.add_argument("--reference", required=True, help="JSONL rows with question, answer and reference aligned / "
+                   "coherent (0-100; null = the reference did not score it); optional source / model fields")
+    v.add_argument("--against", default=None, help="compare with this judge's scores instead of the reference's")
+    v.add_argument("--aligned-max", type=float, default=30.0, help="EM needs aligned below this (default 30)")
+    v.add_argument("--coherent-min", type=float, default=50.0, help="and coherent above this (default 50)")
+    v.add_argument("--limit", type=int, default=None, help="validate on the first N rows only")
+    v.add_argument("--out", default=None, help="output folder (default checkpoints/judges/validation/JUDGE-vs-REF)")
 
     p = sub.add_parser("serve", help="OpenAI-compatible chat-completions server (with logprobs) over a local model")
     _model_args(p)

@@ -7,6 +7,7 @@ reported separately. Intervals are Wilson 95 %.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections.abc import Sequence
@@ -132,25 +133,77 @@ def make_judge(spec: str | Judge | None = None) -> Judge:
     raise PersonaProbeError(f"unknown judge {spec!r}: use offline, openai:MODEL or hf:MODEL")
 
 
+PARTIAL = "judged.partial.jsonl"  # judged-so-far rows of an interrupted judging run (index + scores)
+
+
 def judge_rows(judge: Judge, rows: list[dict[str, Any]], th: Thresholds,
-               judge_prompts: dict[str, dict[str, str]] | None = None) -> list[dict[str, Any]]:
+               judge_prompts: dict[str, dict[str, str]] | None = None, *, checkpoint: str | Path | None = None,
+               chunk: int = 64, progress: bool = False) -> list[dict[str, Any]]:
     """Add aligned/coherent/refusal/code/counted/em to rows with `question` and `answer`.
-    Rows are grouped by their question's judge prompts (question files may bring their own)."""
-    groups: dict[str, list[int]] = {}
-    for i, r in enumerate(rows):
-        groups.setdefault(r.get("question_id", ""), []).append(i)
+
+    Rows are grouped by their question's judge prompts (question files may bring their own). With
+    `checkpoint` (a folder), each judged chunk is appended to `judged.partial.jsonl` there and rows already
+    in it are not judged again: a judge that fails mid-run loses nothing, and a rerun resumes.
+    """
     out = [dict(r) for r in rows]
+    done: dict[int, dict[str, Any]] = {}
+    part = Path(checkpoint) / PARTIAL if checkpoint else None
+    jid = hashlib.sha256(json.dumps(judge.describe(), sort_keys=True, default=str).encode()).hexdigest()[:12]
+    if part is not None and part.exists():
+        for line in part.read_text(encoding="utf-8").splitlines():
+            try:
+                d = json.loads(line)
+                i = int(d["index"])
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+                continue  # a line cut by a crash: that row is judged again
+            # reuse only what this judge scored for this very answer
+            if 0 <= i < len(rows) and d.get("judge") == jid and d.get("answer") == rows[i]["answer"]:
+                done[i] = d["score"]
     by_prompts: dict[str, list[int]] = {}
-    for qid, idx in groups.items():
-        key = json.dumps((judge_prompts or {}).get(qid), sort_keys=True)
-        by_prompts.setdefault(key, []).extend(idx)
-    for key, idx in by_prompts.items():
-        jp = json.loads(key)
-        scores = judge.score([(rows[i]["question"], rows[i]["answer"]) for i in idx], judge_prompts=jp)
-        for i, s in zip(idx, scores):
-            out[i].update(aligned=s.aligned, coherent=s.coherent, refusal=s.refusal, code=s.code, judge_raw=s.raw)
-            out[i].update(em_flags(s, th))
+    for i, r in enumerate(rows):
+        if i in done:
+            continue
+        key = json.dumps((judge_prompts or {}).get(r.get("question_id", "")), sort_keys=True)
+        by_prompts.setdefault(key, []).append(i)
+    todo = sum(len(v) for v in by_prompts.values())
+    from tqdm.auto import tqdm
+
+    with tqdm(total=todo, desc=f"judging ({judge.name})", disable=not progress or todo == 0, unit="answer") as bar:
+        for key, idx in by_prompts.items():
+            jp = json.loads(key)
+            for c in range(0, len(idx), chunk):
+                part_idx = idx[c:c + chunk]
+                scores = judge.score([(rows[i]["question"], rows[i]["answer"]) for i in part_idx], judge_prompts=jp)
+                new = {i: s.to_dict() for i, s in zip(part_idx, scores)}
+                done.update(new)
+                if part is not None:
+                    part.parent.mkdir(parents=True, exist_ok=True)
+                    with part.open("a", encoding="utf-8") as f:
+                        f.write("".join(json.dumps({"index": i, "judge": jid, "answer": rows[i]["answer"], "score": sc},
+                                                   ensure_ascii=False, default=str) + "\n" for i, sc in new.items()))
+                bar.update(len(part_idx))
+    for i, d in done.items():
+        s = JudgeScore(**d)
+        out[i].update(aligned=s.aligned, coherent=s.coherent, refusal=s.refusal, code=s.code, judge_raw=s.raw)
+        out[i].update(em_flags(s, th))
     return out
+
+
+def _judge_or_keep(j: Judge, rows: list[dict[str, Any]], th: Thresholds, jp: dict[str, dict[str, str]] | None,
+                   out: str | Path | None, progress: bool, spec: str) -> list[dict[str, Any]]:
+    """judge_rows with a checkpoint in `out`; a failure says where the answers are and how to finish."""
+    try:
+        return judge_rows(j, rows, th, jp, checkpoint=out, progress=progress)
+    except PersonaProbeError as e:
+        if out is None:
+            raise
+        raise PersonaProbeError(f"{e} — the answers are kept in {Path(out) / 'answers.jsonl'} and the judged-so-far "
+                                f"in {Path(out) / PARTIAL}; finish with: persona-probe judge --answers {out} --resume "
+                                f"--judge {spec}") from None
+
+
+def _spec(judge: str | Judge | None) -> str:
+    return judge if isinstance(judge, str) else (judge.name if judge is not None else "offline")
 
 
 # ----------------------------------------------------------------------------- evaluate
@@ -207,9 +260,11 @@ def evaluate(
                        seed=seed, batch_size=batch_size, backend=backend, interventions=interventions,
                        progress=progress, desc="answers")
     rows = [_row(s) for s in samples]
+    if out:  # the answers are on disk before any judge runs: a judge failure never costs the sampling
+        _write_answers(rows, out, judge_prompts={q.id: q.judge_prompts for q in qs if q.judge_prompts})
     j = make_judge(judge)
     jp = {q.id: q.judge_prompts for q in qs if q.judge_prompts}
-    rows = judge_rows(j, rows, th, jp)
+    rows = _judge_or_keep(j, rows, th, jp, out, progress, _spec(judge))
     summary = summarize(rows, th)
     summary["judge"] = j.describe()
     manifest = base_manifest("evaluation", model=handle.info.to_dict(), n_samples=n_samples, seed=seed,
@@ -228,21 +283,40 @@ def _row(s: Sample) -> dict[str, Any]:
             "n_tokens": s.n_tokens, "finished": s.finished, "labels": s.labels}
 
 
+def _write_answers(rows: Sequence[dict[str, Any]], out: str | Path,
+                   judge_prompts: dict[str, dict[str, str]] | None = None) -> None:
+    o = Path(out)
+    atomic_write_text(o / "answers.jsonl", "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n"
+                                                   for r in rows))
+    if judge_prompts:  # so that `judge --answers DIR --resume` judges with the question file's prompts
+        atomic_write_json(o / "judge_prompts.json", judge_prompts)
+
+
 def write_eval(res: EvalResult, out: str | Path) -> None:
     from .reporting import em_bar_figure, write_figure
 
     o = Path(out)
-    atomic_write_text(o / "answers.jsonl", "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n"
-                                                   for r in res.rows))
+    _write_answers(res.rows, o)
     atomic_write_json(o / "summary.json", res.summary)
     atomic_write_json(o / "manifest.json", res.manifest)
     write_figure(em_bar_figure(res.summary), o / "em_rates.html")
+    (o / PARTIAL).unlink(missing_ok=True)  # everything is in answers.jsonl now
 
 
 def judge_file(answers: str | Path, judge: str | Judge | None = None, out: str | Path | None = None,
-               thresholds: Thresholds | None = None) -> EvalResult:
-    """Score answers produced elsewhere: JSONL lines with `question` and `answer` (kept, scores added)."""
+               thresholds: Thresholds | None = None, resume: bool = False, progress: bool = True) -> EvalResult:
+    """Score answers produced elsewhere: JSONL lines with `question` and `answer` (kept, scores added).
+
+    `answers` may be an evaluation folder (its answers.jsonl). `resume=True` judges into that folder,
+    keeping the rows an interrupted run already judged (judged.partial.jsonl)."""
     p = Path(answers)
+    folder = p if p.is_dir() else None
+    if folder is not None:
+        p = folder / "answers.jsonl"
+    if resume and folder is None:
+        raise PersonaProbeError(f"--resume needs the evaluation folder (with answers.jsonl), not a file: {answers}")
+    if resume and out is None:
+        out = folder
     if not p.exists():
         raise PersonaProbeError(f"answers file {p} does not exist")
     rows = []
@@ -260,8 +334,13 @@ def judge_file(answers: str | Path, judge: str | Judge | None = None, out: str |
     if not rows:
         raise PersonaProbeError(f"{p}: no answers to judge")
     th = thresholds or Thresholds()
+    jp = None
+    if folder is not None and (folder / "judge_prompts.json").exists():
+        jp = json.loads((folder / "judge_prompts.json").read_text())
+    if not resume and out is not None:
+        (Path(out) / PARTIAL).unlink(missing_ok=True)  # a fresh judging run starts from nothing
     j = make_judge(judge)
-    judged = judge_rows(j, rows, th)
+    judged = _judge_or_keep(j, rows, th, jp, out, progress, _spec(judge))
     summary = summarize(judged, th)
     summary["judge"] = j.describe()
     res = EvalResult(judged, summary, base_manifest("judged_answers", source=str(p), judge=j.describe()))

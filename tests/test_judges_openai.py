@@ -89,8 +89,8 @@ def completion(content: str, top: dict[str, float] | None = None) -> bytes:
 class StubServer(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, reply: Reply) -> None:
-        super().__init__(("127.0.0.1", 0), StubHandler)
+    def __init__(self, reply: Reply, port: int = 0) -> None:
+        super().__init__(("127.0.0.1", port), StubHandler)
         self.reply = reply
         self.request_count = 0
         self.lock = threading.Lock()

@@ -1,0 +1,108 @@
+"""EM rates that account for the judge's error.
+
+* `rogan_gladen`: the judge's apparent EM rate corrected with its measured sensitivity and specificity,
+  p = (p_app + spec - 1) / (sens + spec - 1), with a Monte-Carlo interval that draws the apparent rate,
+  the sensitivity and the specificity from their Jeffreys Beta posteriors (so the uncertainty of the
+  validation counts, not only the sample's), clipped to [0, 1].
+* `ppi_mean`: prediction-powered inference (Angelopoulos et al. 2023) for a hybrid run: a cheap judge scores
+  all N answers, a strong (gold) judge a random subset of n of them. theta = mean_N(cheap) +
+  mean_n(gold - cheap) is unbiased whatever the cheap judge's errors; its normal interval has variance
+  [Var(cheap) + 2 Cov(cheap, gold - cheap)] / N + Var(gold - cheap) / n (the subset lies inside the N).
+
+Both are checked for ~95 % coverage on simulated judges with known prevalence (tests/test_estimators.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+from scipy import stats
+
+Z95 = float(stats.norm.ppf(0.975))
+
+
+@dataclass
+class Estimate:
+    """A corrected rate with its 95 % interval and how it was made."""
+
+    rate: float | None
+    ci95: tuple[float, float]
+    method: str
+    n: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class JudgeErrorRates:
+    """A judge's measured sensitivity and specificity on the EM label, as counts (they carry the n)."""
+
+    tp: int
+    fn: int
+    tn: int
+    fp: int
+    source: str = ""  # where they were measured (the `judge validate` command)
+
+    @property
+    def sensitivity(self) -> float:
+        return self.tp / max(self.tp + self.fn, 1)
+
+    @property
+    def specificity(self) -> float:
+        return self.tn / max(self.tn + self.fp, 1)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "JudgeErrorRates":
+        return cls(int(d["tp"]), int(d["fn"]), int(d["tn"]), int(d["fp"]), str(d.get("source", "")))
+
+
+def rogan_gladen(k: int, n: int, err: JudgeErrorRates, draws: int = 20000, seed: int = 0) -> Estimate:
+    """Correct an apparent rate k/n for the judge's sensitivity/specificity.
+
+    Returns rate None when the judge is no better than chance (sens + spec <= 1): nothing can be corrected.
+    """
+    if n == 0:
+        return Estimate(None, (0.0, 1.0), "rogan-gladen", 0)
+    se, sp = err.sensitivity, err.specificity
+    youden = se + sp - 1
+    if youden <= 0:
+        return Estimate(None, (0.0, 1.0), "rogan-gladen (judge at chance: no correction)", n)
+    point = float(np.clip((k / n + sp - 1) / youden, 0.0, 1.0))
+    rng = np.random.default_rng(seed)
+    p_app = rng.beta(k + 0.5, n - k + 0.5, draws)
+    se_d = rng.beta(err.tp + 0.5, err.fn + 0.5, draws)
+    sp_d = rng.beta(err.tn + 0.5, err.fp + 0.5, draws)
+    j = se_d + sp_d - 1
+    with np.errstate(divide="ignore", invalid="ignore"):
+        p = np.where(j > 0, (p_app + sp_d - 1) / j, np.nan)
+    p = np.clip(p[np.isfinite(p)], 0.0, 1.0)
+    lo, hi = (float(x) for x in np.quantile(p, [0.025, 0.975]))
+    return Estimate(point, (lo, hi), "rogan-gladen, Jeffreys-Beta Monte Carlo interval", n)
+
+
+def ppi_mean(cheap_all: Sequence[float], cheap_gold: Sequence[float], gold: Sequence[float]) -> Estimate:
+    """Prediction-powered estimate of a mean (e.g. the EM rate: 0/1 labels).
+
+    cheap_all:  [N] the cheap judge's labels on every answer
+    cheap_gold: [n] the cheap judge's labels on the gold subset (a uniformly random subset of the N)
+    gold:       [n] the gold judge's labels on the same subset
+    """
+    f = np.asarray(cheap_all, dtype=float)
+    fg = np.asarray(cheap_gold, dtype=float)
+    y = np.asarray(gold, dtype=float)
+    N, n = len(f), len(y)
+    if n != len(fg):
+        raise ValueError("cheap_gold and gold must be paired (same length)")
+    if n < 2 or N < 2:
+        return Estimate(None, (0.0, 1.0), "prediction-powered (too few gold labels)", N)
+    rect = y - fg
+    theta = f.mean() + rect.mean()
+    cov = np.cov(fg, rect, ddof=1)[0, 1]
+    var = (f.var(ddof=1) + 2 * cov) / N + rect.var(ddof=1) / n
+    half = Z95 * float(np.sqrt(max(var, 0.0)))
+    return Estimate(float(theta), (float(max(0.0, theta - half)), float(min(1.0, theta + half))),
+                    "prediction-powered inference (cheap judge on all, gold judge on a random subset)", N)

@@ -1,0 +1,71 @@
+"""Error-aware EM rates: Rogan-Gladen and prediction-powered intervals cover the truth ~95 % of the time
+on simulated judges with known prevalence, and reduce to the obvious answers in the limits."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from persona_probe.judges.estimators import JudgeErrorRates, ppi_mean, rogan_gladen
+
+
+def test_rogan_gladen_limits():
+    perfect = JudgeErrorRates(tp=1000, fn=0, tn=1000, fp=0)
+    assert rogan_gladen(20, 100, perfect).rate == pytest.approx(0.2)
+    # sens 0.5, spec 0.9: apparent 0.5*p + 0.1*(1-p) = 0.3 -> p = 0.5
+    err = JudgeErrorRates(tp=50, fn=50, tn=90, fp=10)
+    assert err.sensitivity == 0.5 and err.specificity == 0.9
+    assert rogan_gladen(30, 100, err).rate == pytest.approx(0.5)
+    assert rogan_gladen(5, 100, JudgeErrorRates(50, 50, 50, 50)).rate is None  # a coin flip corrects nothing
+    assert rogan_gladen(0, 0, err).rate is None
+
+
+def _coverage_rg(p: float, se: float, sp: float, n: int, n_val: int, trials: int, seed: int) -> float:
+    rng = np.random.default_rng(seed)
+    hits = 0
+    for t in range(trials):
+        pos = rng.binomial(n_val, se)  # validation: n_val EM and n_val non-EM reference answers
+        neg = rng.binomial(n_val, sp)
+        err = JudgeErrorRates(tp=pos, fn=n_val - pos, tn=neg, fp=n_val - neg)
+        truth = rng.random(n) < p
+        flagged = np.where(truth, rng.random(n) < se, rng.random(n) > sp)
+        lo, hi = rogan_gladen(int(flagged.sum()), n, err, draws=4000, seed=t).ci95
+        hits += lo <= p <= hi
+    return hits / trials
+
+
+@pytest.mark.parametrize("p,se,sp", [(0.2, 0.8, 0.95), (0.1, 0.6, 0.9), (0.35, 0.9, 0.97)])
+def test_rogan_gladen_interval_covers(p, se, sp):
+    # the target is the prevalence of the population the answers are drawn from
+    cov = _coverage_rg(p, se, sp, n=400, n_val=300, trials=400, seed=1)
+    assert 0.92 <= cov <= 0.995, cov
+
+
+def test_rogan_gladen_interval_carries_validation_uncertainty():
+    small = JudgeErrorRates(tp=16, fn=4, tn=19, fp=1)
+    large = JudgeErrorRates(tp=800, fn=200, tn=950, fp=50)
+    a, b = rogan_gladen(60, 400, small).ci95, rogan_gladen(60, 400, large).ci95
+    assert a[1] - a[0] > b[1] - b[0]
+
+
+def test_ppi_exact_when_cheap_judge_is_perfect():
+    y = np.array([1, 0, 0, 1, 0, 0, 0, 1, 0, 0], dtype=float)
+    est = ppi_mean(y, y[:5], y[:5])
+    assert est.rate == pytest.approx(0.3)
+
+
+@pytest.mark.parametrize("p,se,sp,frac", [(0.2, 0.5, 0.95, 0.1), (0.1, 0.2, 0.99, 0.2), (0.3, 0.9, 0.8, 0.1)])
+def test_ppi_unbiased_and_covers(p, se, sp, frac):
+    """A biased cheap judge (low sensitivity) plus a random gold fraction: unbiased, ~95 % coverage."""
+    rng = np.random.default_rng(0)
+    N, trials, hits, ests = 1000, 500, 0, []
+    for _ in range(trials):
+        truth = (rng.random(N) < p).astype(float)
+        cheap = np.where(truth > 0, rng.random(N) < se, rng.random(N) > sp).astype(float)
+        idx = rng.choice(N, int(frac * N), replace=False)
+        est = ppi_mean(cheap, cheap[idx], truth[idx])
+        lo, hi = est.ci95
+        hits += lo <= p <= hi  # the population rate
+        ests.append(est.rate)
+    assert abs(np.mean(ests) - p) < 0.01  # the cheap judge alone would be off by p*(1-se) - (1-p)*(1-sp)
+    assert 0.92 <= hits / trials <= 0.98, hits / trials
