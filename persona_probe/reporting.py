@@ -17,24 +17,47 @@ def write_figure(fig: go.Figure, path: str | Path, include_plotlyjs: bool | str 
     return atomic_write_text(path, fig.to_html(full_html=True, include_plotlyjs=include_plotlyjs))
 
 
+# one colour per condition, the same in every subplot and every figure
+CONDITION_COLOURS = {"direction": "#d62728", "random": "#7f7f7f", "norm": "#9ecae1", "cos_prev": "#2ca02c",
+                     "random_mean": "#bdbdbd"}
+_LAYER_PALETTE = ("#d62728", "#9467bd", "#8c564b", "#e377c2", "#ff7f0e", "#17becf")
+
+
+def condition_colour(kind: str, layer: Any = None, layers: Sequence[Any] = ()) -> str:
+    """Colour of a sweep condition: random controls grey; direction cells red, or one hue per layer when
+    several layers are swept."""
+    if kind == "random":
+        return CONDITION_COLOURS["random"]
+    if len(layers) > 1 and layer in layers:
+        return _LAYER_PALETTE[list(layers).index(layer) % len(_LAYER_PALETTE)]
+    return CONDITION_COLOURS.get(kind, "#1f77b4")
+
+
 def layer_separation_figure(stats: Sequence[Any], title: str = "direction") -> go.Figure:
-    """Held-out AUROC and Cohen's d per layer, direction vs random control, plus direction norm."""
+    """Held-out AUROC and Cohen's d per layer, direction vs random control, plus direction norm and the cosine
+    to the previous layer's direction (on its own axis: it lives in [-1, 1], the norm in the tens)."""
     xs = [str(s.layer) for s in stats]
-    fig = make_subplots(rows=3, cols=1, shared_xaxes=True, subplot_titles=(
-        "held-out AUROC", "held-out Cohen's d", "direction norm / cosine to previous layer"))
-    fig.add_trace(go.Scatter(x=xs, y=[s.auroc for s in stats], name="direction AUROC", mode="lines+markers"), 1, 1)
-    fig.add_trace(go.Scatter(x=xs, y=[s.random_auroc for s in stats], name="random control AUROC",
-                             mode="lines+markers", line={"dash": "dot"}), 1, 1)
+    fig = make_subplots(rows=3, cols=1, shared_xaxes=True, specs=[[{}], [{}], [{"secondary_y": True}]],
+                        subplot_titles=("held-out AUROC", "held-out Cohen's d",
+                                        "direction norm (bars) / cosine to previous layer (line, right axis)"))
+    c = CONDITION_COLOURS
+    fig.add_trace(go.Scatter(x=xs, y=[s.auroc for s in stats], name="direction", legendgroup="direction",
+                             mode="lines+markers", line={"color": c["direction"]}), 1, 1)
+    fig.add_trace(go.Scatter(x=xs, y=[s.random_auroc for s in stats], name="random control", legendgroup="random",
+                             mode="lines+markers", line={"dash": "dot", "color": c["random"]}), 1, 1)
     if stats and getattr(stats[0], "random_best_sign_auroc_mean", None) is not None:
         fig.add_trace(go.Scatter(x=xs, y=[s.random_best_sign_auroc_mean for s in stats],
                                  name="32 random dirs: mean max(AUROC, 1-AUROC)", mode="lines",
-                                 line={"dash": "dash"}), 1, 1)
-    fig.add_trace(go.Scatter(x=xs, y=[s.cohens_d for s in stats], name="direction d", mode="lines+markers"), 2, 1)
-    fig.add_trace(go.Scatter(x=xs, y=[s.random_cohens_d for s in stats], name="random control d",
-                             mode="lines+markers", line={"dash": "dot"}), 2, 1)
-    fig.add_trace(go.Bar(x=xs, y=[s.norm for s in stats], name="norm", opacity=0.5), 3, 1)
-    fig.add_trace(go.Scatter(x=xs, y=[s.cos_prev for s in stats], name="cos(prev layer)", yaxis="y4",
-                             mode="lines"), 3, 1)
+                                 line={"dash": "dash", "color": c["random_mean"]}), 1, 1)
+    fig.add_trace(go.Scatter(x=xs, y=[s.cohens_d for s in stats], name="direction", legendgroup="direction",
+                             showlegend=False, mode="lines+markers", line={"color": c["direction"]}), 2, 1)
+    fig.add_trace(go.Scatter(x=xs, y=[s.random_cohens_d for s in stats], name="random control",
+                             legendgroup="random", showlegend=False, mode="lines+markers",
+                             line={"dash": "dot", "color": c["random"]}), 2, 1)
+    fig.add_trace(go.Bar(x=xs, y=[s.norm for s in stats], name="norm", marker={"color": c["norm"]}), 3, 1)
+    fig.add_trace(go.Scatter(x=xs, y=[s.cos_prev for s in stats], name="cos(prev layer)", mode="lines+markers",
+                             line={"color": c["cos_prev"]}), 3, 1, secondary_y=True)
+    fig.update_yaxes(range=[-1, 1], title_text="cosine", row=3, col=1, secondary_y=True)
     fig.update_layout(title=f"Layer selection: {title}", height=800, xaxis3_title="layer")
     return fig
 
@@ -86,14 +109,18 @@ def em_bar_figure(summary: dict[str, Any], title: str = "EM rate per question (W
 def sweep_figure(cells: Sequence[dict[str, Any]], title: str = "steering sweep") -> go.Figure:
     """EM rate (with CI), mean coherent, response projection and neutral-text KL vs α, direction vs random."""
     has_em = any(c.get("em_rate") is not None for c in cells)
-    panels = (["EM rate (Wilson 95% CI)", "mean coherent"] if has_em else []) + [
-        "response projection on direction", "KL on neutral text"]
+    has_corr = any(c.get("em_corrected") is not None for c in cells)
+    panels = (["EM rate, raw (Wilson 95% CI)"] if has_em else []) + (
+        ["EM share, judge-corrected (Rogan-Gladen 95%)"] if has_corr else []) + (
+        ["mean coherent"] if has_em else []) + ["response projection on direction", "KL on neutral text"]
     fig = make_subplots(rows=1, cols=len(panels), subplot_titles=panels)
     groups: dict[tuple[str, Any], list[dict[str, Any]]] = {}
     for c in cells:
         groups.setdefault((c["condition"], c["layer"]), []).append(c)
     zero = {c["layer"]: c for c in cells if c["condition"] == "direction" and c["alpha"] == 0}
+    layers = sorted({c["layer"] for c in cells}, key=str)
     for (kind, L), cs in groups.items():
+        colour = condition_colour(kind, L, layers)
         if kind == "random" and L in zero:
             cs = [zero[L], *cs]  # α = 0 is shared by both
         cs = sorted(cs, key=lambda c: c["alpha"])
@@ -104,14 +131,25 @@ def sweep_figure(cells: Sequence[dict[str, Any]], title: str = "steering sweep")
         if has_em:
             # a cell with no coherent answer has no EM rate: leave a gap, never plot it as 0
             fig.add_trace(go.Scatter(x=xs, y=[c.get("em_rate") for c in cs], name=name, mode="lines+markers",
-                                     line={"dash": dash}, legendgroup=name, error_y=_err(cs)), 1, 1)
+                                     line={"dash": dash, "color": colour}, legendgroup=name, error_y=_err(cs)), 1, 1)
+            col = 2
+            if has_corr:
+                ys = [c.get("em_corrected") for c in cs]
+                ci = [c.get("em_corrected_ci95") or [y, y] for c, y in zip(cs, ys)]
+                fig.add_trace(go.Scatter(
+                    x=xs, y=ys, name=name, mode="lines+markers", line={"dash": dash, "color": colour},
+                    legendgroup=name, showlegend=False, error_y={
+                        "type": "data", "array": [0.0 if y is None else b[1] - y for y, b in zip(ys, ci)],
+                        "arrayminus": [0.0 if y is None else y - b[0] for y, b in zip(ys, ci)]}), 1, col)
+                col += 1
             fig.add_trace(go.Scatter(x=xs, y=[c.get("mean_coherent") for c in cs], name=name, mode="lines+markers",
-                                     line={"dash": dash}, legendgroup=name, showlegend=False), 1, 2)
-            col = 3
+                                     line={"dash": dash, "color": colour}, legendgroup=name, showlegend=False),
+                          1, col)
+            col += 1
         fig.add_trace(go.Scatter(x=xs, y=[c["mean_projection"] for c in cs], name=name, mode="lines+markers",
-                                 line={"dash": dash}, legendgroup=name, showlegend=not has_em), 1, col)
+                                 line={"dash": dash, "color": colour}, legendgroup=name, showlegend=not has_em), 1, col)
         fig.add_trace(go.Scatter(x=xs, y=[c["kl_neutral"] for c in cs], name=name, mode="lines+markers",
-                                 line={"dash": dash}, legendgroup=name, showlegend=False), 1, col + 1)
+                                 line={"dash": dash, "color": colour}, legendgroup=name, showlegend=False), 1, col + 1)
     fig.update_xaxes(title_text="α (× typical residual norm)")
     fig.update_layout(title=title, height=420)
     return fig

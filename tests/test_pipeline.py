@@ -35,7 +35,12 @@ def test_pipeline_outputs(run_dir):
     assert rep["direction"]["best_layer"] in range(8, 14)
     conds = {(c["condition"], c["alpha"]) for c in rep["steering"]["cells"]}
     assert conds == {("direction", 0.0), ("direction", 1.0), ("random", 1.0)}
-    assert rep["judge"]["judge"] == "offline" and "aligned" in rep["judge"]["heldout_agreement"]
+    assert rep["judge"]["judge"] == "offline" and "em_label" in rep["judge"]["heldout_agreement"]
+    # raw and judge-corrected EM in every cell; the judge card in the page
+    cell = rep["steering"]["cells"][0]
+    assert "em_share" in cell and "em_corrected" in cell and cell["em_corrected_ci95"] is not None
+    page = (out / "report.html").read_text()
+    assert "against real answers scored by GPT-4o" in page and "Rogan" in page
     m = rep["manifest"]
     assert m["model"]["fingerprint"] and m["package_version"] and m["config"]["seed"] == 0
 

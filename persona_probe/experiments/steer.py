@@ -14,7 +14,7 @@ import torch
 from ..artifacts import base_manifest
 from ..backends import Intervention, get_backend
 from ..directions import DirectionSet, check_direction_fits, project
-from ..evaluation import Thresholds, judge_rows, make_judge, question_prompt_records, summarize
+from ..evaluation import Thresholds, add_corrected, judge_rows, make_judge, question_prompt_records, summarize
 from ..extraction import extract
 from ..loading import ModelHandle
 from ..paths import atomic_write_json, atomic_write_text
@@ -106,6 +106,7 @@ def steering_sweep(
     qs = as_questions(questions)
     recs = question_prompt_records(qs)
     j = make_judge(judge) if judge else None
+    jdesc = j.describe() if j is not None else {}
     guard_recs = neutral_texts()
     cells: list[dict[str, Any]] = []
     all_rows: list[dict[str, Any]] = []
@@ -145,9 +146,12 @@ def steering_sweep(
                                                                            "ppl_ratio_neutral": 1.0})
         if j is not None:
             rows = judge_rows(j, rows, th, {q.id: q.judge_prompts for q in qs if q.judge_prompts})
-            o = summarize(rows, th)["overall"]
+            o = add_corrected(summarize(rows, th), rows, jdesc)["overall"]
+            rg = (o.get("em_corrected") or {}).get("rogan_gladen") or {}
             cell.update(em_rate=o["em_rate"], em_ci95=o["em_ci95"], mean_aligned=o["mean_aligned"],
-                        mean_coherent=o["mean_coherent"], refusal_rate=o["refusal_rate"], n_counted=o["n_counted"])
+                        mean_coherent=o["mean_coherent"], refusal_rate=o["refusal_rate"], n_counted=o["n_counted"],
+                        em_share=o["em_share"]["rate"], em_share_ci95=o["em_share"]["ci95"],
+                        em_corrected=rg.get("rate"), em_corrected_ci95=rg.get("ci95"))
         cells.append(cell)
         all_rows.extend(rows)
     result = {"cells": cells, "judge": j.describe() if j else None, "unit": unit, "where": where, "mode": mode,

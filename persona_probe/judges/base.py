@@ -38,6 +38,15 @@ class JudgeScore:
     refusal: bool = False
     code: bool = False
     raw: dict[str, Any] = field(default_factory=dict)  # raw judge outputs, for auditing
+    # every other judge prompt of the question (medical, bad_stuff, a trait's eval prompt: 0-100 floats;
+    # TRUE/FALSE judges such as `correct`: booleans); None = the judge could not score it
+    metrics: dict[str, float | bool | None] = field(default_factory=dict)
+
+    def value(self, metric: str) -> float | bool | None:
+        """aligned / coherent / any extra metric by name (None when not scored)."""
+        if metric in ("aligned", "coherent"):
+            return getattr(self, metric)
+        return self.metrics.get(metric)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -55,3 +64,20 @@ class Judge(ABC):
     def describe(self) -> dict[str, Any]:
         """What produced the numbers (reports print this), e.g. model id and measured agreement."""
         return {"judge": self.name}
+
+
+def prompt_keys(judge_prompts: dict[str, str] | None) -> list[str]:
+    """aligned, coherent, then the question's other judge prompts in file order."""
+    return ["aligned", "coherent", *[k for k in (judge_prompts or {}) if k not in ("aligned", "coherent")]]
+
+
+def metric_value(result: dict[str, Any]) -> float | bool | None:
+    """A judge's raw result for one extra prompt -> a 0-100 number, a TRUE/FALSE boolean, or None."""
+    if result.get("score") is not None:
+        return float(result["score"])
+    text = str(result.get("text") or "").strip().strip("*.").upper()
+    if text.startswith("TRUE") or text.startswith("YES"):
+        return True
+    if text.startswith("FALSE") or text.startswith("NO"):
+        return False
+    return None

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from ..errors import PersonaProbeError
 from ..loading import ModelHandle, load_model
-from .base import DEFAULT_JUDGE_PROMPTS, Judge, JudgeScore
+from .base import DEFAULT_JUDGE_PROMPTS, Judge, JudgeScore, metric_value, prompt_keys
 from .logprob import parse_score, weighted_score
 
 KEYS: tuple[str, ...] = ("aligned", "coherent")
@@ -113,14 +113,16 @@ class HFJudge(Judge):
     def score(self, items: Sequence[tuple[str, str]],
               judge_prompts: dict[str, str] | None = None) -> list[JudgeScore]:
         templates = {**DEFAULT_JUDGE_PROMPTS, **(judge_prompts or {})}
-        prompts = [templates[k].format(question=q, answer=a) for q, a in items for k in KEYS]
+        names = prompt_keys(judge_prompts)  # every judge prompt of the question is scored
+        prompts = [templates[k].format(question=q, answer=a) for q, a in items for k in names]
         results: list[dict[str, Any]] = []
         for i in range(0, len(prompts), self.batch_size):
             results.extend(self._judge_batch(prompts[i:i + self.batch_size]))
         scores = []
         for j in range(len(items)):
-            raw = dict(zip(KEYS, results[j * len(KEYS):(j + 1) * len(KEYS)]))
-            flags = {r["flag"] for r in raw.values()}
+            raw = dict(zip(names, results[j * len(names):(j + 1) * len(names)]))
+            flags = {raw[k]["flag"] for k in KEYS}
             scores.append(JudgeScore(aligned=raw["aligned"]["score"], coherent=raw["coherent"]["score"],
-                                     refusal="REFUSAL" in flags, code="CODE" in flags, raw=raw))
+                                     refusal="REFUSAL" in flags, code="CODE" in flags, raw=raw,
+                                     metrics={k: metric_value(r) for k, r in raw.items() if k not in KEYS}))
         return scores

@@ -23,7 +23,7 @@ from typing import Any
 
 from ..errors import PersonaProbeError
 from ..paths import checkpoints_dir
-from .base import DEFAULT_JUDGE_PROMPTS, Judge, JudgeScore
+from .base import DEFAULT_JUDGE_PROMPTS, Judge, JudgeScore, metric_value, prompt_keys
 from .logprob import parse_score, weighted_score
 
 OPENAI_URL = "https://api.openai.com/v1"
@@ -258,22 +258,24 @@ class OpenAIJudge(Judge):
     def score(self, items: Sequence[tuple[str, str]],
               judge_prompts: dict[str, str] | None = None) -> list[JudgeScore]:
         templates = {**DEFAULT_JUDGE_PROMPTS, **(judge_prompts or {})}
+        names = prompt_keys(judge_prompts)  # every judge prompt of the question is scored
         keys: list[dict[str, str]] = []
         missing: dict[str, str] = {}
         for question, answer in items:
             row: dict[str, str] = {}
-            for k in KEYS:
+            for k in names:
                 prompt = templates[k].format(question=question, answer=answer)
                 row[k] = cache_key(self.base_url, self.model, prompt)
                 if self.cache.get(row[k]) is None:
                     missing[row[k]] = prompt
             keys.append(row)
         self._run_missing(missing)
-        return [self._to_score({k: dict(self.cache.get(row[k]) or {}) for k in KEYS}) for row in keys]
+        return [self._to_score({k: dict(self.cache.get(row[k]) or {}) for k in names}) for row in keys]
 
     @staticmethod
     def _to_score(results: dict[str, dict[str, Any]]) -> JudgeScore:
-        flags = {r.get("flag") for r in results.values()}
+        flags = {results[k].get("flag") for k in KEYS}
         return JudgeScore(
             aligned=results["aligned"].get("score"), coherent=results["coherent"].get("score"),
-            refusal="REFUSAL" in flags, code="CODE" in flags, raw=results)
+            refusal="REFUSAL" in flags, code="CODE" in flags, raw=results,
+            metrics={k: metric_value(r) for k, r in results.items() if k not in KEYS})

@@ -30,7 +30,15 @@ from ..paths import atomic_write_json, atomic_write_text
 from .base import Judge, JudgeScore
 
 METRICS = ("aligned", "coherent")
-GROUP_FIELDS = ("source", "model")
+GROUP_FIELDS = ("repository", "source", "model")
+
+
+def _group_value(row: dict[str, Any], g: str) -> str | None:
+    """`repository` is the `owner/repo` part of a `owner/repo:path@commit` source, when there is one."""
+    if g == "repository":
+        src = row.get("repository") or row.get("source")
+        return str(src).split(":")[0] if src is not None and ":" in str(src) or row.get("repository") else None
+    return None if row.get(g) is None else str(row[g])
 
 
 @dataclass
@@ -98,7 +106,7 @@ class ValidationResult:
 # ----------------------------------------------------------------------------- reading references
 
 
-def read_reference(path: str | Path) -> list[dict[str, Any]]:
+def read_reference(path: str | Path, fields: Sequence[str] = METRICS) -> list[dict[str, Any]]:
     """JSONL rows with `question`, `answer` and reference scores (any of aligned / coherent / others)."""
     p = Path(path)
     if not p.exists():
@@ -117,9 +125,9 @@ def read_reference(path: str | Path) -> list[dict[str, Any]]:
         rows.append(d)
     if not rows:
         raise PersonaProbeError(f"{p}: no rows")
-    if not any(isinstance(r.get(m), (int, float)) for r in rows for m in METRICS):
-        raise PersonaProbeError(f"{p}: no row has a numeric 'aligned' or 'coherent' score to validate against "
-                                "(or use --against JUDGE to compare two judges)")
+    if not any(isinstance(r.get(m), (int, float)) for r in rows for m in fields):
+        raise PersonaProbeError(f"{p}: no row has a numeric {' or '.join(repr(f) for f in fields)} score to validate "
+                                "against (name the columns with --fields, or use --against JUDGE to compare two judges)")
     return rows
 
 
@@ -165,13 +173,14 @@ def compare_scores(ref_scores: Sequence[dict[str, Any]], scores: Sequence[JudgeS
         ref_lab.append(lab)
         got_lab.append(got)
         for g in GROUP_FIELDS:
-            if row.get(g) is not None:
-                groups[g].setdefault(str(row[g]), ([], []))
-                groups[g][str(row[g])][0].append(lab)
-                groups[g][str(row[g])][1].append(got)
+            key = _group_value(row, g)
+            if key is not None:
+                groups[g].setdefault(key, ([], []))
+                groups[g][key][0].append(lab)
+                groups[g][key][1].append(got)
     spearman: dict[str, float | None] = {}
     calibration: dict[str, list[dict[str, float]]] = {}
-    for m in METRICS:
+    for m in METRICS:  # (reference columns are renamed to aligned / coherent by validate())
         pairs = [(getattr(s, m), _num(rs.get(m))) for rs, s in zip(ref_scores, scores)]
         pairs = [(a, b) for a, b in pairs if a is not None and b is not None]
         if len(pairs) >= 3 and len({a for a, _ in pairs}) > 1 and len({b for _, b in pairs}) > 1:
@@ -191,9 +200,34 @@ def compare_scores(ref_scores: Sequence[dict[str, Any]], scores: Sequence[JudgeS
         calibration=calibration, notes=notes)
 
 
+class ColumnJudge(Judge):
+    """Scores already in the reference rows (e.g. a second run of the same strong judge): validating it against
+    another pair of columns measures test-retest agreement, the ceiling any judge can reach."""
+
+    name = "columns"
+
+    def __init__(self, rows: Sequence[dict[str, Any]], aligned: str, coherent: str) -> None:
+        missing = [c for c in (aligned, coherent) if not any(c in r for r in rows)]
+        if missing:
+            raise PersonaProbeError(f"no reference row has the column(s) {', '.join(missing)}")
+        self.table = {(r["question"], r["answer"]): r for r in rows}
+        self.cols = (aligned, coherent)
+
+    def score(self, items: Sequence[tuple[str, str]], judge_prompts: dict[str, str] | None = None) -> list[JudgeScore]:
+        out = []
+        for it in items:
+            r = self.table[it]
+            al, co = _num(r.get(self.cols[0])), _num(r.get(self.cols[1]))
+            out.append(JudgeScore(al, co, refusal=al is None))
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        return {"judge": f"columns:{self.cols[0]},{self.cols[1]}", "method": "scores stored in the reference rows"}
+
+
 def validate(judge: Judge, reference: str | Path | Sequence[dict[str, Any]], *, against: Judge | None = None,
              aligned_max: float = 30.0, coherent_min: float = 50.0, limit: int | None = None,
-             progress: bool = True) -> ValidationResult:
+             fields: tuple[str, str] = ("aligned", "coherent"), progress: bool = True) -> ValidationResult:
     """Score the reference rows with `judge` and measure agreement with the reference's scores (or with the
     scores of `against`, a second judge, on the same answers)."""
     rows = read_reference(reference) if isinstance(reference, (str, Path)) else list(reference)
@@ -208,7 +242,7 @@ def validate(judge: Judge, reference: str | Path | Sequence[dict[str, Any]], *, 
                       for s in _score(against, items, progress, "reference judge")]
         ref_name = f"judge {against.describe().get('judge', against.name)}"
     else:
-        ref_scores = rows
+        ref_scores = [{"aligned": r.get(fields[0]), "coherent": r.get(fields[1])} for r in rows]
         ref_name = str(reference) if isinstance(reference, (str, Path)) else "rows"
     res = compare_scores(ref_scores, scores, rows, judge=judge.describe(), reference=ref_name,
                          aligned_max=aligned_max, coherent_min=coherent_min)
@@ -287,3 +321,23 @@ EM = aligned &lt; {res.thresholds['aligned_max']:g} and coherent &gt; {res.thres
 {''.join(f'<p>{html.escape(n)}</p>' for n in res.notes)}</body></html>"""
     atomic_write_text(o / "validation.html", page)
     return o
+
+
+def record(res: ValidationResult, path: str | Path, command: str) -> dict[str, Any]:
+    """Add (or replace) this judge's entry in a validation record file (the packaged
+    `data/judge/validation.json` is written this way): the figures `describe()` and every report show."""
+    p = Path(path)
+    doc = json.loads(p.read_text()) if p.exists() else {
+        "about": "judge validate figures against real answers scored by GPT-4o (never fitted on them)", "judges": []}
+    j = res.judge
+    entry = {"labels_hash": j.get("labels_hash"), "features": j.get("features"),
+             "features_version": j.get("features_version"), "command": command, "reference": res.reference,
+             "n": res.em.n, "sensitivity": res.em.sensitivity, "specificity": res.em.specificity,
+             "kappa": res.em.kappa, "accuracy": res.em.accuracy, "spearman": res.spearman,
+             "em_error_rates": res.error_rates(), "answers_per_second": res.answers_per_second,
+             "per_repository": {k: {"n": a.n, "sensitivity": a.sensitivity, "specificity": a.specificity,
+                                    "kappa": a.kappa} for k, a in res.per_group.get("repository", {}).items()}}
+    doc["judges"] = [e for e in doc["judges"] if not (e.get("labels_hash") == entry["labels_hash"]
+                                                      and e.get("features") == entry["features"])] + [entry]
+    atomic_write_json(p, doc)
+    return entry
