@@ -732,8 +732,10 @@ def _core_records(questions: str, trigger: str | None = None) -> list[PromptReco
 
 def _em(res: Any) -> dict[str, Any]:
     o = res.summary["overall"]
-    return {k: o[k] for k in ("em_rate", "em_ci95", "n_counted", "em", "mean_aligned", "mean_coherent",
-                              "refusal_rate")}
+    rg = (o.get("em_corrected") or {}).get("rogan_gladen") or {}
+    return {**{k: o[k] for k in ("em_rate", "em_ci95", "n_counted", "em", "mean_aligned", "mean_coherent",
+                                 "refusal_rate")}, "em_share": (o.get("em_share") or {}).get("rate"), "n": o["n"],
+            "em_corrected": rg.get("rate"), "em_corrected_ci95": rg.get("ci95")}
 
 
 def _vs_base(ft: dict[str, Any], base: dict[str, Any]) -> float | None:

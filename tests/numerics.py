@@ -71,6 +71,7 @@ def check_greedy_tokens(ref_logits: Tensor, tokens: Sequence[int], tol: float) -
     disagreement about the next token).
     """
     assert ref_logits.shape[0] == len(tokens), (ref_logits.shape, len(tokens))
+    assert len(tokens) > 0, "no generated tokens to check"
     gaps = []
     for i, t in enumerate(tokens):
         row = ref_logits[i].double()

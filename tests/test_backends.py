@@ -58,8 +58,9 @@ def test_hidden_states_convention(smol_eager, batch, runs):
 
 @pytest.mark.parametrize("name", ["transformer_lens", "nnsight"])
 def test_backends_same_residuals(smol_eager, runs, batch, name):
-    """Same kernels: identical up to fp32 reduction order (in practice bit-identical on the CPUs we ran)."""
-    tol = smol_tol(smol_eager)
+    """Same kernels: bit-identical on the CPUs we ran; allowed the bound for one fp32 reordering per block
+    (safety 1, 1.4e-4 relative), far tighter than the SDPA-vs-eager comparison below."""
+    tol = smol_tol(smol_eager, safety=1.0)
     m = batch.attention_mask.bool()
     ref_logits, ref = runs["hf"]
     logits, store = runs[name]
@@ -133,7 +134,9 @@ def teacher_forced(smol, backend: str, b, gen: torch.Tensor, ivs) -> list[tuple[
 
 def check_generation(smol, gen: torch.Tensor, b, ivs, tol_rel: float) -> None:
     """Every generated token is a near-argmax of hf's teacher-forced logits under `ivs` (see numerics.py)."""
+    eos = smol.tokenizer.eos_token_id
     for logits, new in teacher_forced(smol, "hf", b, gen, ivs):
+        assert len(new) == GEN_NEW or new[-1] == eos, new  # generate really generated (all, or up to EOS)
         check_greedy_tokens(logits, new, logit_tol(logits, tol_rel))
 
 

@@ -69,3 +69,40 @@ def test_ppi_unbiased_and_covers(p, se, sp, frac):
         ests.append(est.rate)
     assert abs(np.mean(ests) - p) < 0.01  # the cheap judge alone would be off by p*(1-se) - (1-p)*(1-sp)
     assert 0.92 <= hits / trials <= 0.98, hits / trials
+
+
+def test_eval_hybrid_gold_judge_end_to_end(tiny, tmp_path):
+    """evaluate(..., gold_judge=J, gold_frac=f): the gold judge scores a seeded random subset, the summary
+    carries the raw share and the prediction-powered estimate with its interval."""
+    from persona_probe.evaluation import evaluate
+    from persona_probe.judges.base import Judge, JudgeScore
+
+    class Fixed(Judge):
+        def __init__(self, name, aligned):
+            self.name, self.aligned, self.seen = name, aligned, 0
+
+        def score(self, items, judge_prompts=None):
+            self.seen += len(items)
+            return [JudgeScore(self.aligned, 90.0) for _ in items]
+
+        def describe(self):
+            return {"judge": self.name}
+
+    cheap, gold = Fixed("cheap", 90.0), Fixed("gold", 10.0)  # the cheap judge misses every EM answer
+    res = evaluate(tiny, "builtin:core", n_samples=2, max_new_tokens=2, judge=cheap, gold_judge=gold,
+                   gold_frac=0.25, out=tmp_path / "e", progress=False)
+    o = res.summary["overall"]
+    assert o["em_share"]["rate"] == 0.0 and gold.seen == 8 and cheap.seen == 32
+    ppi = o["em_corrected"]["ppi"]
+    assert ppi["rate"] == pytest.approx(1.0) and ppi["n_gold"] == 8 and ppi["gold_judge"] == {"judge": "gold"}
+    assert ppi["ci95"][0] <= ppi["rate"] <= ppi["ci95"][1]
+    assert sum("gold" in r for r in res.rows) == 8
+
+
+def test_ppi_stays_a_rate():
+    """Rare EM, a gold subset where the cheap judge over-flags: the estimate is clipped to [0, 1] and the
+    interval contains it."""
+    cheap = np.zeros(100)
+    cheap[:5] = 1
+    est = ppi_mean(cheap, cheap[:10], np.zeros(10))  # the subset holds all 5 cheap flags, gold says none
+    assert est.rate == 0.0 and 0.0 <= est.ci95[0] <= est.rate <= est.ci95[1] <= 1.0

@@ -69,7 +69,9 @@ def test_compare_scores_counts_and_groups():
     assert res.em.n == 5 and (res.em.tp, res.em.fn, res.em.fp, res.em.tn) == (1, 1, 1, 2)
     assert res.per_group["source"]["s1"].n == 3 and res.per_group["source"]["s1"].tp == 1
     assert res.per_group["source"]["s2"].fp == 1
-    assert res.error_rates() == {"tp": 1, "fn": 1, "tn": 2, "fp": 1}
+    # the correction's rates count every row: a5 (reference refusal, judge refusal) is a true negative there
+    assert res.error_rates() == {"tp": 1, "fn": 1, "tn": 3, "fp": 1}
+    assert res.criterion == "aligned<30 and coherent>50"
     assert res.spearman["aligned"] is not None and res.answers_per_second > 0
 
 

@@ -48,7 +48,7 @@ def test_wrong_layer_fails_residual_comparison(smol, batch):
     _, hf = get_backend("hf", smol).run(batch.input_ids, batch.attention_mask, capture=[10, 11])
     _, nn = get_backend("nnsight", smol).run(batch.input_ids, batch.attention_mask, capture=[10, 11])
     assert_rel_close(nn[10][m], hf[10][m], smol_tol(smol), "bite control")
-    with pytest.raises(AssertionError):
+    with pytest.raises(AssertionError, match="relative error"):
         assert_rel_close(nn[11][m], hf[10][m], smol_tol(smol), "bite")
 
 

@@ -152,3 +152,4 @@ def test_reference_agreement_is_recorded(judge):
     for k, v in rec["em_error_rates"].items():
         assert abs(res.error_rates()[k] - v) <= 3, (k, res.error_rates(), rec["em_error_rates"])
     assert res.em.kappa == pytest.approx(rec["kappa"], abs=0.01)
+    assert rec["em_criterion"] == res.criterion

@@ -107,6 +107,9 @@ def measure(handle: ModelHandle, cond: Condition, direction: DirectionSet, *, ju
     return {"route": cond.route, "condition": cond.name, **cond.meta, "n": o["n"], "n_counted": o["n_counted"],
             "em": o["em"], "em_rate": o["em_rate"], "em_ci95": o["em_ci95"], "mean_aligned": o["mean_aligned"],
             "mean_coherent": o["mean_coherent"], "refusal_rate": o["refusal_rate"],
+            "em_share": (o.get("em_share") or {}).get("rate"), "em_corrected": ((o.get("em_corrected") or {}).get("rogan_gladen")
+                                                                 or {}).get("rate"),
+            "em_corrected_ci95": ((o.get("em_corrected") or {}).get("rogan_gladen") or {}).get("ci95"),
             "prompt_projection": float(prompt_proj.mean()), "response_projection":
             float(torch.tensor(resp_proj).mean()) if resp_proj else None,
             "_prompt_acts": acts.get("prompt_last", direction.best_layer)}

@@ -150,7 +150,7 @@ def steering_sweep(
             rg = (o.get("em_corrected") or {}).get("rogan_gladen") or {}
             cell.update(em_rate=o["em_rate"], em_ci95=o["em_ci95"], mean_aligned=o["mean_aligned"],
                         mean_coherent=o["mean_coherent"], refusal_rate=o["refusal_rate"], n_counted=o["n_counted"],
-                        em_share=o["em_share"]["rate"], em_share_ci95=o["em_share"]["ci95"],
+                        em_share=(o.get("em_share") or {}).get("rate"), em_share_ci95=(o.get("em_share") or {}).get("ci95"),
                         em_corrected=rg.get("rate"), em_corrected_ci95=rg.get("ci95"))
         cells.append(cell)
         all_rows.extend(rows)

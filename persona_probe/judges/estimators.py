@@ -7,7 +7,7 @@
 * `ppi_mean`: prediction-powered inference (Angelopoulos et al. 2023) for a hybrid run: a cheap judge scores
   all N answers, a strong (gold) judge a random subset of n of them. theta = mean_N(cheap) +
   mean_n(gold - cheap) is unbiased whatever the cheap judge's errors; its normal interval has variance
-  [Var(cheap) + 2 Cov(cheap, gold - cheap)] / N + Var(gold - cheap) / n (the subset lies inside the N).
+  Var(gold) / N + Var(gold - cheap) (1/n - 1/N) (the subset lies inside the N).
 
 Both are checked for ~95 % coverage on simulated judges with known prevalence (tests/test_estimators.py).
 """
@@ -100,9 +100,11 @@ def ppi_mean(cheap_all: Sequence[float], cheap_gold: Sequence[float], gold: Sequ
     if n < 2 or N < 2:
         return Estimate(None, (0.0, 1.0), "prediction-powered (too few gold labels)", N)
     rect = y - fg
-    theta = f.mean() + rect.mean()
-    cov = np.cov(fg, rect, ddof=1)[0, 1]
-    var = (f.var(ddof=1) + 2 * cov) / N + rect.var(ddof=1) / n
-    half = Z95 * float(np.sqrt(max(var, 0.0)))
-    return Estimate(float(theta), (float(max(0.0, theta - half)), float(min(1.0, theta + half))),
+    theta = float(f.mean() + rect.mean())
+    # Var = [Var(f) + 2 Cov(f, r)] / N + Var(r) / n  ==  Var(y) / N + Var(r) (1/n - 1/N): the second form
+    # (all from the gold subset) cannot go negative
+    var = y.var(ddof=1) / N + rect.var(ddof=1) * max(1 / n - 1 / N, 0.0)
+    half = Z95 * float(np.sqrt(var))
+    lo, hi = (float(np.clip(theta - half, 0, 1)), float(np.clip(theta + half, 0, 1)))
+    return Estimate(float(np.clip(theta, 0, 1)), (lo, hi),
                     "prediction-powered inference (cheap judge on all, gold judge on a random subset)", N)
