@@ -504,7 +504,11 @@ def judge_file(answers: str | Path, judge: str | Judge | None = None, out: str |
     summary = summarize(judged, th)
     summary["judge"] = j.describe()
     add_corrected(summary, judged, summary["judge"])
-    res = EvalResult(judged, summary, base_manifest("judged_answers", source=str(p), judge=j.describe()))
+    manifest = base_manifest("judged_answers", source=str(p), judge=j.describe())
+    if folder is not None and (folder / "manifest.json").exists():  # an evaluation folder: keep what made it
+        manifest = {**json.loads((folder / "manifest.json").read_text()), "judge": j.describe(),
+                    "rejudged": {"created": manifest.get("created"), "package_version": manifest.get("package_version")}}
+    res = EvalResult(judged, summary, manifest)
     if out:
         write_eval(res, out)
     return res

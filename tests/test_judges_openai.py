@@ -107,8 +107,10 @@ class StubHandler(BaseHTTPRequestHandler):
         with self.server.lock:
             self.server.request_count += 1
             n = self.server.request_count
-        status, data = self.server.reply(body, n)
+        status, data, *extra = self.server.reply(body, n)
         self.send_response(status)
+        for k, v in (extra[0] if extra else {}).items():
+            self.send_header(k, v)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
@@ -167,6 +169,20 @@ def test_stub_retries_after_500(stub: Any, tmp_path: Path) -> None:
     scores = judge(url, tmp_path, concurrency=1).score(ITEMS[:1])
     assert scores[0].aligned == pytest.approx(40.0) and scores[0].coherent == pytest.approx(40.0)
     assert srv.request_count == 4
+
+
+def test_stub_respects_retry_after(stub: Any, tmp_path: Path) -> None:
+    import time as _time
+
+    def reply(body: dict[str, Any], n: int) -> tuple[Any, ...]:
+        if n == 1:
+            return 429, b'{"error": {"message": "rate limited"}}', {"Retry-After": "0.4"}
+        return 200, completion("40", {"40": 1.0})
+
+    srv, url = stub(reply)
+    t0 = _time.perf_counter()
+    scores = judge(url, tmp_path, concurrency=1).score(ITEMS[:1])  # backoff 0.001 s: the wait is the server's
+    assert _time.perf_counter() - t0 >= 0.4 and scores[0].aligned == pytest.approx(40.0)
 
 
 def test_stub_garbage_raises_one_line_and_keeps_cache(stub: Any, tmp_path: Path) -> None:

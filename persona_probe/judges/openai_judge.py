@@ -12,6 +12,7 @@ import hashlib
 import http.client
 import json
 import os
+import sys
 import threading
 import time
 import urllib.error
@@ -33,6 +34,8 @@ KEYS: tuple[str, ...] = ("aligned", "coherent")
 
 class _RetryableError(Exception):
     """A transient failure (connection, 429, 5xx, malformed JSON): worth retrying."""
+
+    retry_after: float = 0.0  # seconds the server asked us to wait (HTTP 429/503 Retry-After)
 
 
 class _HTTPStatusError(Exception):
@@ -155,7 +158,12 @@ class OpenAIJudge(Judge):
         except urllib.error.HTTPError as e:
             detail = _one_line(e.read().decode("utf-8", "replace") or e.reason)
             if e.code == 429 or e.code >= 500:
-                raise _RetryableError(f"HTTP {e.code}: {detail}") from e
+                err = _RetryableError(f"HTTP {e.code}: {detail}")
+                try:  # rate limits: wait as long as the server asks (capped), not only our backoff
+                    err.retry_after = min(float(e.headers.get("Retry-After") or 0), 120.0)
+                except ValueError:
+                    pass
+                raise err from e
             raise _HTTPStatusError(e.code, detail) from e
         except (OSError, http.client.HTTPException) as e:  # URLError, refused/reset, timeouts
             raise _RetryableError(f"connection failed: {_one_line(getattr(e, 'reason', e))}") from e
@@ -167,14 +175,14 @@ class OpenAIJudge(Judge):
     def _post(self, payload: dict[str, Any]) -> tuple[dict[str, Any], str]:
         """POST with retries; returns (choices[0], content). Raises PersonaProbeError when retries run out
         and lets _HTTPStatusError (non-retryable 4xx) through."""
-        last = ""
+        last, wait = "", 0.0
         for attempt in range(self.max_retries + 1):
             if attempt:
-                time.sleep(self.backoff * 2 ** (attempt - 1))
+                time.sleep(max(self.backoff * 2 ** (attempt - 1), wait))
             try:
                 return _content(self._request_once(payload))
             except _RetryableError as e:
-                last = str(e)
+                last, wait = str(e), e.retry_after
         raise PersonaProbeError(
             f"judge server {self.url} failed after {self.max_retries + 1} attempts ({_one_line(last, 160)}): "
             f"check the server is up and the judge base URL (OPENAI_BASE_URL) is right, then rerun "
@@ -269,6 +277,10 @@ class OpenAIJudge(Judge):
                 if self.cache.get(row[k]) is None:
                     missing[row[k]] = prompt
             keys.append(row)
+        if len(missing) >= 20:  # say what a large run costs before it starts
+            n_all = len(items) * len(names)
+            print(f"persona_probe: judge {self.model} at {self.base_url}: {len(missing)} requests ({n_all - len(missing)} "
+                  f"cached), {self.concurrency} at a time", file=sys.stderr)
         self._run_missing(missing)
         return [self._to_score({k: dict(self.cache.get(row[k]) or {}) for k in names}) for row in keys]
 
