@@ -57,7 +57,7 @@ def layer_separation_figure(stats: Sequence[Any], title: str = "direction") -> g
     fig.add_trace(go.Bar(x=xs, y=[s.norm for s in stats], name="norm", marker={"color": c["norm"]}), 3, 1)
     fig.add_trace(go.Scatter(x=xs, y=[s.cos_prev for s in stats], name="cos(prev layer)", mode="lines+markers",
                              line={"color": c["cos_prev"]}), 3, 1, secondary_y=True)
-    fig.update_yaxes(range=[-1, 1], title_text="cosine", row=3, col=1, secondary_y=True)
+    fig.update_yaxes(range=[-1, 1], dtick=0.5, title_text="cosine", row=3, col=1, secondary_y=True)
     fig.update_layout(title=f"Layer selection: {title}", height=800, xaxis3_title="layer")
     return fig
 
@@ -110,9 +110,8 @@ def sweep_figure(cells: Sequence[dict[str, Any]], title: str = "steering sweep")
     """EM rate (with CI), mean coherent, response projection and neutral-text KL vs α, direction vs random."""
     has_em = any(c.get("em_rate") is not None for c in cells)
     has_corr = any(c.get("em_corrected") is not None for c in cells)
-    panels = (["EM rate, raw (Wilson 95% CI)"] if has_em else []) + (
-        ["EM share, judge-corrected (Rogan-Gladen 95%)"] if has_corr else []) + (
-        ["mean coherent"] if has_em else []) + ["response projection on direction", "KL on neutral text"]
+    panels = (["EM rate, raw"] if has_em else []) + (["EM share, corrected"] if has_corr else []) + (
+        ["mean coherent"] if has_em else []) + ["answer projection", "KL, neutral text"]
     fig = make_subplots(rows=1, cols=len(panels), subplot_titles=panels)
     groups: dict[tuple[str, Any], list[dict[str, Any]]] = {}
     for c in cells:
@@ -150,8 +149,10 @@ def sweep_figure(cells: Sequence[dict[str, Any]], title: str = "steering sweep")
                                  line={"dash": dash, "color": colour}, legendgroup=name, showlegend=not has_em), 1, col)
         fig.add_trace(go.Scatter(x=xs, y=[c["kl_neutral"] for c in cs], name=name, mode="lines+markers",
                                  line={"dash": dash, "color": colour}, legendgroup=name, showlegend=False), 1, col + 1)
-    fig.update_xaxes(title_text="α (× typical residual norm)")
-    fig.update_layout(title=title, height=420)
+    fig.update_xaxes(title_text="α (× resid norm)")
+    fig.update_layout(title=title + (" — EM rate: among coherent answers, Wilson 95 %; EM share: of all answers, "
+                                     "corrected for the judge's measured error (Rogan–Gladen 95 %)" if has_corr else ""),
+                      title_font_size=13, height=440)
     return fig
 
 
