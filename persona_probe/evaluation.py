@@ -209,11 +209,7 @@ def add_corrected(summary: dict[str, Any], rows: Sequence[dict[str, Any]], judge
         block["em_share"] = {"rate": k / n if n else None, "ci95": list(wilson(k, n)), "k": k, "n": n}
         corr: dict[str, Any] = {}
         if err is not None:
-            est = rogan_gladen(k, n, err).to_dict()
-            if n and k / n < 1 - err.specificity:
-                est["note"] = ("apparent EM share below the judge's false-positive rate: indistinguishable from 0 "
-                               "for this judge (if its error rates transfer to these answers)")
-            corr["rogan_gladen"] = est
+            corr["rogan_gladen"] = rogan_gladen(k, n, err).to_dict()
         if gold and name == "overall":
             pos = {ri: gi for gi, ri in enumerate(gold["rows"])}
             sub = [i for i in idx if i in pos]

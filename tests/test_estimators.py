@@ -18,6 +18,10 @@ def test_rogan_gladen_limits():
     assert rogan_gladen(30, 100, err).rate == pytest.approx(0.5)
     assert rogan_gladen(5, 100, JudgeErrorRates(50, 50, 50, 50)).rate is None  # a coin flip corrects nothing
     assert rogan_gladen(0, 0, err).rate is None
+    # outside [1 - spec, sens] = [0.1, 0.5] the error rates cannot explain the data: no correction, not a clip
+    for k in (5, 70):
+        est = rogan_gladen(k, 100, err)
+        assert est.rate is None and est.ci95 == (0.0, 1.0) and "not corrected" in est.method
 
 
 def _coverage_rg(p: float, se: float, sp: float, n: int, n_val: int, trials: int, seed: int) -> float:

@@ -63,7 +63,8 @@ class JudgeErrorRates:
 def rogan_gladen(k: int, n: int, err: JudgeErrorRates, draws: int = 20000, seed: int = 0) -> Estimate:
     """Correct an apparent rate k/n for the judge's sensitivity/specificity.
 
-    Returns rate None when the judge is no better than chance (sens + spec <= 1): nothing can be corrected.
+    Returns rate None when the judge is no better than chance (sens + spec <= 1), or when k/n lies outside
+    [1 - spec, sens] (then those error rates do not describe these answers: use a gold judge instead).
     """
     if n == 0:
         return Estimate(None, (0.0, 1.0), "rogan-gladen", 0)
@@ -71,7 +72,14 @@ def rogan_gladen(k: int, n: int, err: JudgeErrorRates, draws: int = 20000, seed:
     youden = se + sp - 1
     if youden <= 0:
         return Estimate(None, (0.0, 1.0), "rogan-gladen (judge at chance: no correction)", n)
-    point = float(np.clip((k / n + sp - 1) / youden, 0.0, 1.0))
+    raw = (k / n + sp - 1) / youden
+    if not 0.0 <= raw <= 1.0:
+        # the apparent rate lies outside [1 - spec, sens]: the judge's measured error rates cannot have produced
+        # it, so they do not describe these answers and no correction is meaningful (clipping would claim 0 or 1
+        # with certainty)
+        return Estimate(None, (0.0, 1.0), f"rogan-gladen: apparent rate {k / n:.3f} outside the judge's "
+                        f"[1 - specificity, sensitivity] = [{1 - sp:.3f}, {se:.3f}]; not corrected", n)
+    point = float(raw)
     rng = np.random.default_rng(seed)
     p_app = rng.beta(k + 0.5, n - k + 0.5, draws)
     se_d = rng.beta(err.tp + 0.5, err.fn + 0.5, draws)
