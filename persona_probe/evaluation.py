@@ -18,7 +18,7 @@ from typing import Any
 from .artifacts import base_manifest
 from .backends import Intervention
 from .errors import PersonaProbeError
-from .judges.base import Judge, JudgeScore
+from .judges.base import Judge, JudgeScore, read_qa_rows
 from .loading import ModelHandle
 from .paths import atomic_write_json, atomic_write_text
 from .prompts import PromptRecord
@@ -475,18 +475,9 @@ def judge_file(answers: str | Path, judge: str | Judge | None = None, out: str |
         out = folder
     if not p.exists():
         raise PersonaProbeError(f"answers file {p} does not exist")
-    rows = []
-    for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            d = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise PersonaProbeError(f"{p}:{i}: not JSON ({e.msg})") from None
-        if not isinstance(d, dict) or not isinstance(d.get("question"), str) or not isinstance(d.get("answer"), str):
-            raise PersonaProbeError(f"{p}:{i}: each line needs string fields 'question' and 'answer'")
+    rows = read_qa_rows(p)
+    for d in rows:
         d.setdefault("question_id", d.get("id", d["question"][:40]))
-        rows.append(d)
     if not rows:
         raise PersonaProbeError(f"{p}: no answers to judge")
     th = thresholds or Thresholds()

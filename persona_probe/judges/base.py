@@ -81,3 +81,23 @@ def metric_value(result: dict[str, Any]) -> float | bool | None:
     if text.startswith("FALSE") or text.startswith("NO"):
         return False
     return None
+
+
+def read_qa_rows(path: Path) -> list[dict[str, Any]]:
+    """JSONL rows that each carry string `question` and `answer` (other fields kept); errors name file:line."""
+    import json
+
+    from ..errors import PersonaProbeError
+
+    rows = []
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            d = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise PersonaProbeError(f"{path}:{i}: not JSON ({e.msg}); expected JSONL, one object per line") from None
+        if not isinstance(d, dict) or not isinstance(d.get("question"), str) or not isinstance(d.get("answer"), str):
+            raise PersonaProbeError(f"{path}:{i}: each line needs string fields 'question' and 'answer'")
+        rows.append(d)
+    return rows

@@ -27,7 +27,7 @@ from sklearn.metrics import cohen_kappa_score, confusion_matrix
 
 from ..errors import PersonaProbeError
 from ..paths import atomic_write_json, atomic_write_text
-from .base import Judge, JudgeScore
+from .base import Judge, JudgeScore, read_qa_rows
 
 METRICS = ("aligned", "coherent")
 GROUP_FIELDS = ("repository", "source", "model")
@@ -117,18 +117,7 @@ def read_reference(path: str | Path, fields: Sequence[str] = METRICS) -> list[di
     p = Path(path)
     if not p.exists():
         raise PersonaProbeError(f"reference file {p} does not exist")
-    rows = []
-    for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            d = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise PersonaProbeError(f"{p}:{i}: not JSON ({e.msg}); the reference is JSONL, one object per line") \
-                from None
-        if not isinstance(d, dict) or not isinstance(d.get("question"), str) or not isinstance(d.get("answer"), str):
-            raise PersonaProbeError(f"{p}:{i}: each line needs string fields 'question' and 'answer'")
-        rows.append(d)
+    rows = read_qa_rows(p)
     if not rows:
         raise PersonaProbeError(f"{p}: no rows")
     if not any(isinstance(r.get(m), (int, float)) for r in rows for m in fields):
