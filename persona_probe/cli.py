@@ -275,7 +275,7 @@ def _judge_validate(args: argparse.Namespace) -> int:
     against = make_judge(args.against) if args.against else None
     res = validate(judge, rows, against=against, aligned_max=args.aligned_max, coherent_min=args.coherent_min,
                    limit=args.limit, fields=fields)  # type: ignore[arg-type]
-    res.reference = args.against and f"judge {args.against}" or str(args.reference)
+    res.reference = f"judge {args.against}" if args.against else str(args.reference)
     out = Path(args.out) if args.out else Path("checkpoints") / "judges" / "validation" / (
         f"{args.judge.replace(':', '-').replace('/', '_')}-vs-"
         f"{(args.against or Path(args.reference).stem).replace(':', '-').replace('/', '_')}")

@@ -36,8 +36,10 @@ GROUP_FIELDS = ("repository", "source", "model")
 def _group_value(row: dict[str, Any], g: str) -> str | None:
     """`repository` is the `owner/repo` part of a `owner/repo:path@commit` source, when there is one."""
     if g == "repository":
-        src = row.get("repository") or row.get("source")
-        return str(src).split(":")[0] if src is not None and ":" in str(src) or row.get("repository") else None
+        if row.get("repository") is not None:
+            return str(row["repository"])
+        src = row.get("source")
+        return str(src).split(":")[0] if src is not None and ":" in str(src) else None
     return None if row.get(g) is None else str(row[g])
 
 
