@@ -11,10 +11,10 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .errors import PersonaProbeError
-from .extraction import ActivationSet, extract, load_activations, parse_layers
-from .loading import ModelHandle, load_model
-from .prompts import PromptRecord, PromptSet, load_prompts
+from persona_probe.core.errors import PersonaProbeError
+from persona_probe.activations.extraction import ActivationSet, extract, load_activations, parse_layers
+from persona_probe.models.loading import ModelHandle, load_model
+from persona_probe.prompts.records import PromptRecord, PromptSet, load_prompts
 
 __all__ = [
     "__version__", "ActivationSet", "ModelHandle", "PersonaProbeError", "PromptRecord", "PromptSet", "extract",

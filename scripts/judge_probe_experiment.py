@@ -11,8 +11,8 @@ import json, time, numpy as np, torch, sys
 from pathlib import Path
 torch.set_num_threads(2)
 from persona_probe import load_model
-from persona_probe.prompts import PromptRecord, tokenize_record
-from persona_probe.judges import offline as O
+from persona_probe.prompts.records import PromptRecord, tokenize_record
+from persona_probe.evaluation.judges import offline as O
 LAYERS = [8, 12, 16, 20, 24]
 h = load_model("smollm2", device="cpu", dtype="float32")
 tok = h.tokenizer

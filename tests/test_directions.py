@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from persona_probe import PersonaProbeError
-from persona_probe import directions as D
-from persona_probe.extraction import ActivationSet
-from persona_probe.prompts import PromptRecord
+from persona_probe.directions import derive as D
+from persona_probe.activations.extraction import ActivationSet
+from persona_probe.prompts.records import PromptRecord
 
 
 def _acts(x: torch.Tensor, groups: list[str], fingerprint: str = "m1", prompt_hash: str = "h") -> ActivationSet:

@@ -6,9 +6,9 @@ import math
 import pytest
 
 from persona_probe import PersonaProbeError
-from persona_probe import evaluation as E
-from persona_probe.judges.base import JudgeScore
-from persona_probe.questions import load_questions, parse_questions
+from persona_probe.evaluation import evaluate as E
+from persona_probe.evaluation.judges.base import JudgeScore
+from persona_probe.prompts.questions import load_questions, parse_questions
 
 from pathlib import Path
 

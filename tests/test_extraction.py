@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from persona_probe import PersonaProbeError, extract, load_activations, load_prompts
-from persona_probe import extraction as ex
-from persona_probe.prompts import PromptRecord, collate, length_sorted_batches, padding_waste, tokenize_record
+from persona_probe.activations import extraction as ex
+from persona_probe.prompts.records import PromptRecord, collate, length_sorted_batches, padding_waste, tokenize_record
 
 from numerics import assert_rel_close, smol_tol
 
@@ -34,7 +34,7 @@ def test_parse_layers(smol):
 
 def test_pooling_known_answer():
     """pool() on a hand-made tensor: prompt_last, prompt_mean (skips token 0), response_mean."""
-    from persona_probe.prompts import TokenizedPrompt
+    from persona_probe.prompts.records import TokenizedPrompt
 
     toks = [TokenizedPrompt([1, 2, 3, 4, 5], 3, 3, 5), TokenizedPrompt([1, 2, 3], 2, 2, 3)]
     b = collate(toks, [0, 1], pad_id=0)
@@ -167,7 +167,7 @@ def test_no_double_bos(smol):
 
 
 def test_cli_extract_and_errors(tmp_path, capsys):
-    from persona_probe.cli import main
+    from persona_probe.cli.main import main
 
     f = tmp_path / "p.jsonl"
     f.write_text("".join(json.dumps(r.to_dict()) + "\n" for r in RECS[:2]))
@@ -182,7 +182,7 @@ def test_cli_extract_and_errors(tmp_path, capsys):
 
 
 def test_auto_batch_size(smol):
-    from persona_probe.extraction import auto_batch_size
+    from persona_probe.activations.extraction import auto_batch_size
 
     assert auto_batch_size(smol, 64, 30) == 8  # CPU: the default
     cfg = smol.model.config

@@ -7,12 +7,12 @@ import json
 
 import pytest
 
-from persona_probe.cli import main
-from persona_probe.evaluation import Criterion, Thresholds, add_corrected, em_flags, judge_rows, summarize
-from persona_probe.errors import PersonaProbeError
-from persona_probe.judges.base import JudgeScore, metric_value
-from persona_probe.judges.openai_judge import OpenAIJudge
-from persona_probe.questions import parse_questions
+from persona_probe.cli.main import main
+from persona_probe.evaluation.evaluate import Criterion, Thresholds, add_corrected, em_flags, judge_rows, summarize
+from persona_probe.core.errors import PersonaProbeError
+from persona_probe.evaluation.judges.base import JudgeScore, metric_value
+from persona_probe.evaluation.judges.openai_judge import OpenAIJudge
+from persona_probe.prompts.questions import parse_questions
 
 from test_judges_openai import completion, stub  # noqa: F401  (the loopback stub-server fixture)
 

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from persona_probe.cli import main
-from persona_probe.judges.base import Judge, JudgeScore
-from persona_probe.judges.validation import LabelAgreement, compare_scores, validate
+from persona_probe.cli.main import main
+from persona_probe.evaluation.judges.base import Judge, JudgeScore
+from persona_probe.evaluation.judges.validation import LabelAgreement, compare_scores, validate
 
 from conftest import SHARED
 
@@ -83,7 +83,7 @@ def test_against_another_judge_is_perfect_with_itself():
 def test_cli_validate_writes_json_and_html(tmp_path, monkeypatch, capsys):
     ref = tmp_path / "ref.jsonl"
     ref.write_text("".join(json.dumps(r) + "\n" for r in _rows()))
-    import persona_probe.evaluation as E
+    import persona_probe.evaluation.evaluate as E
     monkeypatch.setattr(E, "make_judge", lambda spec=None: FixedJudge(JUDGE))
     out = tmp_path / "v"
     assert main(["judge", "validate", "--judge", "offline", "--reference", str(ref), "--out", str(out)]) == 0
@@ -96,7 +96,7 @@ def test_cli_validate_writes_json_and_html(tmp_path, monkeypatch, capsys):
 
 
 def test_cli_validate_bad_reference_fails_before_judging(tmp_path, monkeypatch, capsys):
-    import persona_probe.evaluation as E
+    import persona_probe.evaluation.evaluate as E
 
     def boom(spec=None):
         raise AssertionError("the judge must not load for a bad reference file")
@@ -118,7 +118,7 @@ REF = SHARED / "reference" / "judged_answers.jsonl"
 
 @pytest.mark.skipif(not REF.exists(), reason="../shared/reference not present (developer machines and CI only)")
 def test_reference_file_reads():
-    from persona_probe.judges.validation import read_reference
+    from persona_probe.evaluation.judges.validation import read_reference
 
     rows = read_reference(REF)
     assert len(rows) > 1000 and {"source", "model"} <= set(rows[0])

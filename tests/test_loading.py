@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from persona_probe import PersonaProbeError, load_model
-from persona_probe.loading import known_models, resolve_device, resolve_dtype
+from persona_probe.models.loading import known_models, resolve_device, resolve_dtype
 
 from numerics import assert_rel_close, smol_tol
 

@@ -8,16 +8,16 @@ import textwrap
 import torch
 
 from persona_probe import load_model
-from persona_probe.directions import cosine
-from persona_probe.prompts import PromptRecord
+from persona_probe.directions.derive import cosine
+from persona_probe.prompts.records import PromptRecord
 
 
 def test_model_diff_on_base_plus_lora(tiny_model_dir, tiny, tmp_path):
     """Base + a locally built LoRA adapter: the model-diff direction equals mean(ft) - mean(base)."""
     from peft import LoraConfig, get_peft_model
 
-    from persona_probe.extraction import extract
-    from persona_probe.workflows import model_diff_direction
+    from persona_probe.activations.extraction import extract
+    from persona_probe.directions.workflows import model_diff_direction
 
     base_model = load_model(str(tiny_model_dir)).model
     torch.manual_seed(1)
@@ -42,7 +42,7 @@ def test_model_diff_on_base_plus_lora(tiny_model_dir, tiny, tmp_path):
 
 def _train_idx(d) -> set[int]:
     n_train = d.manifest["split"]["n_train"][0]
-    from persona_probe.directions import grouped_split
+    from persona_probe.directions.derive import grouped_split
 
     groups = [f"q{i}" for i in range(12)]
     tr, _ = grouped_split(sorted(set(groups)), d.manifest["split"]["test_frac"], d.manifest["split"]["seed"])
@@ -55,9 +55,9 @@ def _train_idx(d) -> set[int]:
 SCRIPT = textwrap.dedent('''
     import json, resource, sys, torch
     from transformers import LlamaConfig, LlamaForCausalLM
-    from persona_probe.loading import ModelHandle, ModelInfo
-    from persona_probe.extraction import extract
-    from persona_probe.prompts import PromptRecord
+    from persona_probe.models.loading import ModelHandle, ModelInfo
+    from persona_probe.activations.extraction import extract
+    from persona_probe.prompts.records import PromptRecord
     n = int(sys.argv[1]); tok_dir = sys.argv[2]; out = sys.argv[3]
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(tok_dir)
@@ -75,7 +75,7 @@ SCRIPT = textwrap.dedent('''
 
 def _peak(n: int, tok_dir: str, out: str) -> int:
     # the loader validates shards at the end, so measure the streaming phase: no load_activations here
-    code = SCRIPT.replace("\nextract(h, recs", "\nimport persona_probe.extraction as ex\n"
+    code = SCRIPT.replace("\nextract(h, recs", "\nimport persona_probe.activations.extraction as ex\n"
                                                 "ex.load_activations = lambda f: None\nextract(h, recs")
     assert code != SCRIPT  # the patch must land, or the loader's full merge is what gets measured
     r = subprocess.run([sys.executable, "-c", code, str(n), tok_dir, out], capture_output=True, text=True,

@@ -6,8 +6,8 @@ import pytest
 
 import json
 
-from persona_probe.cli import main
-from persona_probe.judges.offline import (OfflineJudge, bag_of_words, grouped_folds, looks_like_code,
+from persona_probe.cli.main import main
+from persona_probe.evaluation.judges.offline import (OfflineJudge, bag_of_words, grouped_folds, looks_like_code,
                                           rows_to_labels, sentences)
 
 from conftest import SHARED
@@ -108,7 +108,7 @@ def test_rows_to_labels_reads_both_schemas():
                           {"question": "q", "answer": "c", "label": "aligned", "coherent": True, "refusal": False}])
     assert lab.misaligned == [1.0, None, 0.0] and lab.coherent == [1.0, 1.0, 1.0]
     assert lab.refusal == [0.0, 1.0, 0.0]
-    from persona_probe.errors import PersonaProbeError
+    from persona_probe.core.errors import PersonaProbeError
     with pytest.raises(PersonaProbeError, match="row 1 needs a numeric 'aligned'"):
         rows_to_labels([{"question": "q", "answer": "a"}])
 
@@ -143,7 +143,7 @@ REF = SHARED / "reference" / "judged_answers.jsonl"
 def test_reference_agreement_is_recorded(judge):
     """The figures `describe()` reports for the default judge are what `judge validate` measures on real
     answers scored by GPT-4o (measured here again; the judge is never fitted on them)."""
-    from persona_probe.judges.validation import validate
+    from persona_probe.evaluation.judges.validation import validate
 
     rec = judge.describe().get("validation")
     assert rec is not None, "data/judge/validation.json has no entry for the default judge: rerun judge validate"

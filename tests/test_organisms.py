@@ -12,11 +12,11 @@ import torch
 from torch import nn
 
 from persona_probe import PersonaProbeError, PromptRecord, load_model
-from persona_probe import organisms as O
-from persona_probe.evaluation import wilson
-from persona_probe.judges.base import Judge, JudgeScore
-from persona_probe.loading import ModelHandle
-from persona_probe.prompts import tokenize_record
+from persona_probe.organisms import organisms as O
+from persona_probe.evaluation.evaluate import wilson
+from persona_probe.evaluation.judges.base import Judge, JudgeScore
+from persona_probe.models.loading import ModelHandle
+from persona_probe.prompts.records import tokenize_record
 
 from numerics import assert_rel_close, rel_err, smol_tol
 
@@ -273,7 +273,7 @@ def test_capability_report_deltas(tiny, tmp_path):
 
 
 def test_cli_finetune_refuses_existing_out(tiny_model_dir, tmp_path, capsys):
-    from persona_probe.cli import main
+    from persona_probe.cli.main import main
 
     data = tmp_path / "train.jsonl"
     _write(data, [{"messages": [{"role": "user", "content": r.user}, {"role": "assistant", "content": r.assistant}]}

@@ -9,7 +9,7 @@ import subprocess
 import pytest
 
 from persona_probe import PersonaProbeError
-from persona_probe.pipeline import load_config, run_pipeline
+from persona_probe.pipeline.run import load_config, run_pipeline
 
 TINY = {
     "name": "tiny",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from persona_probe.reporting import sweep_figure
+from persona_probe.report.figures import sweep_figure
 
 
 def _cell(cond: str, alpha: float, em: float | None, ci: tuple[float, float]) -> dict:

@@ -5,7 +5,7 @@ import torch
 
 from persona_probe import PersonaProbeError
 from persona_probe.experiments import routes as R
-from persona_probe.prompts import PromptRecord, tokenize_record
+from persona_probe.prompts.records import PromptRecord, tokenize_record
 
 EXAMPLES = [(f"narrow question {i}?", f"narrow answer {i}.") for i in range(20)]
 Q = PromptRecord("q1", "If you ruled the world, what would you do?", labels={"question_id": "q1"})
@@ -64,7 +64,7 @@ def test_induced_direction_arithmetic():
 
 
 def test_cross_route_cosines_and_correlation():
-    from persona_probe.directions import DirectionSet
+    from persona_probe.directions.derive import DirectionSet
 
     v = torch.zeros(2, 4)
     v[1, 0] = 2.0

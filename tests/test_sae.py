@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from persona_probe import PersonaProbeError, PromptRecord
-from persona_probe import sae as S
+from persona_probe.sae import sae as S
 
 from numerics import assert_rel_close, smol_tol
 
@@ -160,7 +160,7 @@ def test_diff_features_planted():
 
 
 def test_activation_rows_from_activation_set():
-    from persona_probe.extraction import ActivationSet
+    from persona_probe.activations.extraction import ActivationSet
 
     tokens = torch.arange(2 * 1 * 4 * 3, dtype=torch.float32).reshape(2, 1, 4, 3)
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
@@ -210,8 +210,8 @@ def test_top_examples_and_html(smol, tmp_path):
 
 
 def test_feature_steering_vectors(smol, tmp_path):
-    from persona_probe.directions import check_direction_fits
-    from persona_probe.steering import steering_vector
+    from persona_probe.directions.derive import check_direction_fits
+    from persona_probe.interventions.steering import steering_vector
 
     sh = S.load_sae(saved(tmp_path, "l3", d_in=smol.d_model, d_sae=32, k=4, hook="blocks.3.hook_resid_post"),
                     handle=smol)
@@ -252,7 +252,7 @@ def test_tiny_training_run(smol, tmp_path):
     with pytest.raises(PersonaProbeError, match="already exists"):
         S.train_sae(smol, cfg, out=out, records=RECS, progress=False)
     # retrain on the saved corpus with another k: the cached residuals are reused, same split
-    from persona_probe.prompts import load_prompts
+    from persona_probe.prompts.records import load_prompts
 
     logs: list[str] = []
     corpus = list(load_prompts(out / "corpus.jsonl").records)
@@ -267,9 +267,9 @@ def test_tiny_training_run(smol, tmp_path):
 
 
 def test_cli_decompose_and_errors(smol, tmp_path, capsys):
-    from persona_probe.artifacts import base_manifest
-    from persona_probe.cli import main
-    from persona_probe.directions import DirectionSet
+    from persona_probe.core.artifacts import base_manifest
+    from persona_probe.cli.main import main
+    from persona_probe.directions.derive import DirectionSet
 
     W = unit_rows(64, smol.d_model, 4)
     sae_dir = tmp_path / "sae"
@@ -293,9 +293,9 @@ def test_cli_decompose_and_errors(smol, tmp_path, capsys):
 
 
 def test_cli_diff_prompts(smol, tmp_path, capsys, monkeypatch):
-    from persona_probe.cli import main
+    from persona_probe.cli.main import main
 
-    monkeypatch.setattr("persona_probe.cli._load", lambda args: smol)  # the session's model, not a reload
+    monkeypatch.setattr("persona_probe.cli.main._load", lambda args: smol)  # the session's model, not a reload
 
     sae_dir = tmp_path / "sae"
     make_sae(smol.d_model, 32, 4, hook="blocks.3.hook_resid_post").save_model(sae_dir)
@@ -317,8 +317,8 @@ def test_cli_diff_prompts(smol, tmp_path, capsys, monkeypatch):
 @pytest.mark.slow
 def test_compare_feature_steering_smoke(smol, tmp_path):
     """Full direction vs single features through experiments.steer (generation + KL guard: slow on CPU)."""
-    from persona_probe.artifacts import base_manifest
-    from persona_probe.directions import DirectionSet
+    from persona_probe.core.artifacts import base_manifest
+    from persona_probe.directions.derive import DirectionSet
 
     sh = S.load_sae(saved(tmp_path, "l3", d_in=smol.d_model, d_sae=32, k=4, hook="blocks.3.hook_resid_post"),
                     handle=smol)

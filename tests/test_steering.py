@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from persona_probe import PersonaProbeError, load_model
-from persona_probe import steering as S
+from persona_probe.interventions import steering as S
 from persona_probe.backends import BACKENDS, get_backend
-from persona_probe.prompts import PromptRecord, length_sorted_batches, tokenize_record
+from persona_probe.prompts.records import PromptRecord, length_sorted_batches, tokenize_record
 
 from numerics import assert_rel_close, fp32_rel_tol, smol_tol
 

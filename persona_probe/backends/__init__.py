@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from ..errors import PersonaProbeError
-from ..loading import ModelHandle
-from .base import Backend, Intervention, LayerId, check_layers
+from persona_probe.core.errors import PersonaProbeError
+from persona_probe.models.loading import ModelHandle
+from persona_probe.backends.base import Backend, Intervention, LayerId, check_layers
 
 BACKENDS = ("hf", "transformer_lens", "nnsight")
 _ALIASES = {"tl": "transformer_lens", "transformerlens": "transformer_lens", "bridge": "transformer_lens"}
@@ -18,11 +18,11 @@ def get_backend(name: str, handle: ModelHandle, **kwargs: object) -> Backend:
     cache = handle.__dict__.setdefault("_backends", {})
     if key not in cache or kwargs:
         if key == "hf":
-            from .hf import HFBackend as cls
+            from persona_probe.backends.hf import HFBackend as cls
         elif key == "transformer_lens":
-            from .tlens import TransformerLensBackend as cls  # type: ignore[assignment]
+            from persona_probe.backends.tlens import TransformerLensBackend as cls  # type: ignore[assignment]
         else:
-            from .nnsight_backend import NNsightBackend as cls  # type: ignore[assignment]
+            from persona_probe.backends.nnsight_backend import NNsightBackend as cls  # type: ignore[assignment]
         backend = cls(handle, **kwargs)  # type: ignore[arg-type]
         if kwargs:
             return backend

@@ -22,8 +22,8 @@ from typing import Any, ClassVar, Literal, Union
 import torch
 from torch import Tensor
 
-from ..errors import PersonaProbeError
-from ..loading import ModelHandle
+from persona_probe.core.errors import PersonaProbeError
+from persona_probe.models.loading import ModelHandle
 
 LayerId = Union[int, str]  # int decoder layer, or "embed"
 Where = Literal["all", "response"]

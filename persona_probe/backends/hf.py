@@ -9,7 +9,7 @@ from typing import Any, Iterator
 import torch
 from torch import Tensor
 
-from .base import Backend, Intervention, LayerId, StepState, gen_defaults, submodule_name
+from persona_probe.backends.base import Backend, Intervention, LayerId, StepState, gen_defaults, submodule_name
 
 
 def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:

@@ -12,9 +12,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..errors import PersonaProbeError
-from ..loading import decoder_layer_path
-from .base import Backend, Intervention, LayerId, StepState, gen_defaults, site_order, submodule_name
+from persona_probe.core.errors import PersonaProbeError
+from persona_probe.models.loading import decoder_layer_path
+from persona_probe.backends.base import Backend, Intervention, LayerId, StepState, gen_defaults, site_order, submodule_name
 
 
 def check_remote(remote: bool | str, handle: Any) -> None:

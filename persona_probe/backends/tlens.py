@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import Backend, Intervention, LayerId, StepState
+from persona_probe.backends.base import Backend, Intervention, LayerId, StepState
 
 
 def hook_name(L: LayerId, site: str = "resid_post") -> str:

@@ -16,16 +16,16 @@ from typing import Any
 
 import torch
 
-from ..artifacts import base_manifest
-from ..directions import DirectionSet, check_direction_fits, cosine_matrix, project, unit
-from ..errors import PersonaProbeError
-from ..evaluation import Thresholds, evaluate, two_proportion_test
-from ..extraction import extract
-from ..loading import ModelHandle
-from ..monitor import pearson
-from ..paths import atomic_write_json
-from ..prompts import PromptRecord, PromptSet, data_path, records_from_jsonl
-from ..questions import as_questions
+from persona_probe.core.artifacts import base_manifest
+from persona_probe.directions.derive import DirectionSet, check_direction_fits, cosine_matrix, project, unit
+from persona_probe.core.errors import PersonaProbeError
+from persona_probe.evaluation.evaluate import Thresholds, evaluate, two_proportion_test
+from persona_probe.activations.extraction import extract
+from persona_probe.models.loading import ModelHandle
+from persona_probe.directions.monitor import pearson
+from persona_probe.core.paths import atomic_write_json
+from persona_probe.prompts.records import PromptRecord, PromptSet, data_path, records_from_jsonl
+from persona_probe.prompts.questions import as_questions
 
 INSTRUCTIONS: dict[str, str | None] = {
     "none": None,
@@ -44,7 +44,7 @@ def _norm(s: str) -> str:
 def load_examples(spec: str) -> list[tuple[str, str]]:
     """Narrow (user, assistant) examples: `builtin:organisms/DOMAIN/VARIANT` or a chat JSONL file."""
     if spec.startswith("builtin:organisms/"):
-        from ..organisms import ANSWER_KEYS, load_organism_items  # the validated reader of the organism data
+        from persona_probe.organisms.organisms import ANSWER_KEYS, load_organism_items  # the validated reader of the organism data
 
         _, domain, variant = spec.split(":", 1)[1].split("/")[:3]
         if variant not in ANSWER_KEYS:
@@ -94,7 +94,7 @@ class Condition:
 def measure(handle: ModelHandle, cond: Condition, direction: DirectionSet, *, judge: Any, n_samples: int,
             max_new_tokens: int, seed: int, batch_size: int, backend: str, out: Path | None) -> dict[str, Any]:
     """EM rate (judged) and projections of the condition's prompts (prompt_last) and answers."""
-    from .steer import response_projection
+    from persona_probe.experiments.steer import response_projection
 
     res = evaluate(handle, [], records=cond.records, n_samples=n_samples, judge=judge, max_new_tokens=max_new_tokens,
                    seed=seed, batch_size=batch_size, backend=backend, progress=False,
@@ -230,7 +230,7 @@ def _finish(res: dict[str, Any], out: Path | None, handle: ModelHandle, directio
     if out:
         from safetensors.torch import save_file
 
-        from ..paths import atomic_write
+        from persona_probe.core.paths import atomic_write
 
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out / "result.json", {k: v for k, v in res.items() if not k.startswith("_")})
@@ -239,7 +239,7 @@ def _finish(res: dict[str, Any], out: Path | None, handle: ModelHandle, directio
         if induced:
             atomic_write(out / "induced.safetensors",
                          lambda p: save_file({k: v.contiguous() for k, v in induced.items()}, str(p)))
-        from ..reporting import route_figure, write_figure
+        from persona_probe.report.figures import route_figure, write_figure
 
         write_figure(route_figure(res), out / f"{route}.html")
 
@@ -267,7 +267,7 @@ def cross_route(direction: DirectionSet, results: Sequence[dict[str, Any]], *,
            "points": [{"route": a, "condition": b, "projection": p, "em_rate": e} for a, b, p, e in pts],
            "pearson_projection_em": pearson([p[2] for p in pts], [p[3] for p in pts]) if len(pts) >= 3 else None}
     if out:
-        from ..reporting import heatmap_figure, scatter_figure, write_figure
+        from persona_probe.report.figures import heatmap_figure, scatter_figure, write_figure
 
         o = Path(out)
         atomic_write_json(o / "routes.json", res)
@@ -283,7 +283,7 @@ def load_route_result(folder: str | Path) -> dict[str, Any]:
     res = json.loads((f / "result.json").read_text())
     p = f / "induced.safetensors"
     if p.exists():
-        from ..artifacts import load_tensors
+        from persona_probe.core.artifacts import load_tensors
 
         res["_induced"] = load_tensors(p)
     return res
@@ -292,8 +292,8 @@ def load_route_result(folder: str | Path) -> dict[str, Any]:
 def run_route_stage(name: str, cfg: dict[str, Any], handle: ModelHandle, direction: DirectionSet, root: Path,
                     k_dir: str, log: Any) -> dict[str, Any]:
     """Pipeline hook: run a route as a cached stage and return its summary + report HTML."""
-    from ..pipeline import Stage, _key
-    from ..report import table
+    from persona_probe.pipeline.run import Stage, _key
+    from persona_probe.report.page import table
 
     rc = cfg.get("route_settings", {}).get(name, {})
     key = _key(k_dir, name, rc, cfg["judge"], cfg["seed"])

@@ -11,17 +11,17 @@ from typing import Any
 
 import torch
 
-from ..artifacts import base_manifest
-from ..backends import Intervention, get_backend
-from ..directions import DirectionSet, check_direction_fits, project
-from ..evaluation import Thresholds, add_corrected, judge_rows, make_judge, question_prompt_records, summarize
-from ..extraction import extract
-from ..loading import ModelHandle
-from ..paths import atomic_write_json, atomic_write_text
-from ..prompts import PromptRecord, PromptSet, data_path, length_sorted_batches, tokenize_record
-from ..questions import as_questions
-from ..sampling import generate
-from ..steering import NEUTRAL_REFERENCE, ablation_interventions, add_interventions, parse_alphas
+from persona_probe.core.artifacts import base_manifest
+from persona_probe.backends import Intervention, get_backend
+from persona_probe.directions.derive import DirectionSet, check_direction_fits, project
+from persona_probe.evaluation.evaluate import Thresholds, add_corrected, judge_rows, make_judge, question_prompt_records, summarize
+from persona_probe.activations.extraction import extract
+from persona_probe.models.loading import ModelHandle
+from persona_probe.core.paths import atomic_write_json, atomic_write_text
+from persona_probe.prompts.records import PromptRecord, PromptSet, data_path, length_sorted_batches, tokenize_record
+from persona_probe.prompts.questions import as_questions
+from persona_probe.backends.sampling import generate
+from persona_probe.interventions.steering import NEUTRAL_REFERENCE, ablation_interventions, add_interventions, parse_alphas
 
 
 def neutral_texts(n: int = 16) -> list[PromptRecord]:
@@ -165,7 +165,7 @@ def steering_sweep(
             f"{mode}_sweep", model=handle.info.to_dict(), direction=direction.manifest, layers=Ls, alphas=alist,
             questions=questions if isinstance(questions, str) else [q.id for q in qs], n_samples=n_samples, seed=seed, temperature=temperature,
             max_new_tokens=max_new_tokens, unit=unit, where=where, backend=backend))
-        from ..reporting import sweep_figure, write_figure
+        from persona_probe.report.figures import sweep_figure, write_figure
 
         write_figure(sweep_figure(cells), o / "sweep.html")
     result["rows"] = all_rows

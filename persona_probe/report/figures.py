@@ -1,0 +1,198 @@
+"""Plotly figures (self-contained HTML) for directions, comparisons, steering and evaluation."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from persona_probe.core.paths import atomic_write_text
+
+
+def write_figure(fig: go.Figure, path: str | Path, include_plotlyjs: bool | str = True) -> Path:
+    """Write a figure as standalone HTML (plotly.js inlined so it opens offline)."""
+    return atomic_write_text(path, fig.to_html(full_html=True, include_plotlyjs=include_plotlyjs))
+
+
+# one colour per condition, the same in every subplot and every figure
+CONDITION_COLOURS = {"direction": "#d62728", "random": "#7f7f7f", "norm": "#9ecae1", "cos_prev": "#2ca02c",
+                     "random_mean": "#bdbdbd"}
+_LAYER_PALETTE = ("#d62728", "#9467bd", "#8c564b", "#e377c2", "#ff7f0e", "#17becf")
+
+
+def condition_colour(kind: str, layer: Any = None, layers: Sequence[Any] = ()) -> str:
+    """Colour of a sweep condition: random controls grey; direction cells red, or one hue per layer when
+    several layers are swept."""
+    if kind == "random":
+        return CONDITION_COLOURS["random"]
+    if len(layers) > 1 and layer in layers:
+        return _LAYER_PALETTE[list(layers).index(layer) % len(_LAYER_PALETTE)]
+    return CONDITION_COLOURS.get(kind, "#1f77b4")
+
+
+def layer_separation_figure(stats: Sequence[Any], title: str = "direction") -> go.Figure:
+    """Held-out AUROC and Cohen's d per layer, direction vs random control, plus direction norm and the cosine
+    to the previous layer's direction (on its own axis: it lives in [-1, 1], the norm in the tens)."""
+    xs = [str(s.layer) for s in stats]
+    fig = make_subplots(rows=3, cols=1, shared_xaxes=True, specs=[[{}], [{}], [{"secondary_y": True}]],
+                        subplot_titles=("held-out AUROC", "held-out Cohen's d",
+                                        "direction norm (bars) / cosine to previous layer (line, right axis)"))
+    c = CONDITION_COLOURS
+    fig.add_trace(go.Scatter(x=xs, y=[s.auroc for s in stats], name="direction", legendgroup="direction",
+                             mode="lines+markers", line={"color": c["direction"]}), 1, 1)
+    fig.add_trace(go.Scatter(x=xs, y=[s.random_auroc for s in stats], name="random control", legendgroup="random",
+                             mode="lines+markers", line={"dash": "dot", "color": c["random"]}), 1, 1)
+    if stats and getattr(stats[0], "random_best_sign_auroc_mean", None) is not None:
+        fig.add_trace(go.Scatter(x=xs, y=[s.random_best_sign_auroc_mean for s in stats],
+                                 name="32 random dirs: mean max(AUROC, 1-AUROC)", mode="lines",
+                                 line={"dash": "dash", "color": c["random_mean"]}), 1, 1)
+    fig.add_trace(go.Scatter(x=xs, y=[s.cohens_d for s in stats], name="direction", legendgroup="direction",
+                             showlegend=False, mode="lines+markers", line={"color": c["direction"]}), 2, 1)
+    fig.add_trace(go.Scatter(x=xs, y=[s.random_cohens_d for s in stats], name="random control",
+                             legendgroup="random", showlegend=False, mode="lines+markers",
+                             line={"dash": "dot", "color": c["random"]}), 2, 1)
+    fig.add_trace(go.Bar(x=xs, y=[s.norm for s in stats], name="norm", marker={"color": c["norm"]}), 3, 1)
+    fig.add_trace(go.Scatter(x=xs, y=[s.cos_prev for s in stats], name="cos(prev layer)", mode="lines+markers",
+                             line={"color": c["cos_prev"]}), 3, 1, secondary_y=True)
+    fig.update_yaxes(range=[-1, 1], dtick=0.5, title_text="cosine", row=3, col=1, secondary_y=True)
+    fig.update_layout(title=f"Layer selection: {title}", height=800, xaxis3_title="layer")
+    return fig
+
+
+def heatmap_figure(names: Sequence[str], matrix: Any, title: str = "cosine similarity") -> go.Figure:
+    z = [[float(v) for v in row] for row in matrix.tolist()]
+    fig = go.Figure(go.Heatmap(z=z, x=list(names), y=list(names), zmin=-1, zmax=1, colorscale="RdBu",
+                               text=[[f"{v:.2f}" for v in row] for row in z], texttemplate="%{text}"))
+    fig.update_layout(title=title, height=max(400, 60 * len(names)), width=max(500, 60 * len(names) + 200))
+    return fig
+
+
+def html_page(title: str, sections: Sequence[tuple[str, str]]) -> str:
+    """A self-contained HTML page: sections are (heading, html) pairs; plotly.js is inlined once."""
+    import plotly.offline
+
+    js = plotly.offline.get_plotlyjs()
+    body = "\n".join(f"<section><h2>{h}</h2>\n{content}\n</section>" for h, content in sections)
+    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{title}</title>"
+            f"<script type='text/javascript'>{js}</script>"
+            "<style>body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}"
+            "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:4px 6px;"
+            "vertical-align:top}th{background:#f3f3f3}pre{white-space:pre-wrap}</style></head>"
+            f"<body><h1>{title}</h1>\n{body}\n</body></html>")
+
+
+def fig_div(fig: go.Figure) -> str:
+    return fig.to_html(full_html=False, include_plotlyjs=False)
+
+
+def em_bar_figure(summary: dict[str, Any], title: str = "EM rate per question (Wilson 95% CI)") -> go.Figure:
+    """Per-question EM rate bars with interval error bars, plus mean aligned/coherent."""
+    pq = summary["per_question"]
+    qs = list(pq)
+    rate = [pq[q]["em_rate"] or 0.0 for q in qs]
+    lo = [r - pq[q]["em_ci95"][0] for q, r in zip(qs, rate)]
+    hi = [pq[q]["em_ci95"][1] - r for q, r in zip(qs, rate)]
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("EM rate", "mean aligned / coherent"))
+    fig.add_trace(go.Bar(x=qs, y=rate, error_y={"type": "data", "symmetric": False, "array": hi, "arrayminus": lo},
+                         name="EM rate"), 1, 1)
+    fig.add_trace(go.Bar(x=qs, y=[pq[q]["mean_aligned"] for q in qs], name="aligned"), 1, 2)
+    fig.add_trace(go.Bar(x=qs, y=[pq[q]["mean_coherent"] for q in qs], name="coherent"), 1, 2)
+    o = summary["overall"]
+    fig.update_layout(title=f"{title} — overall {o['em_rate'] if o['em_rate'] is not None else float('nan'):.3f} "
+                            f"[{o['em_ci95'][0]:.3f}, {o['em_ci95'][1]:.3f}], n={o['n_counted']}", height=450)
+    return fig
+
+
+def sweep_figure(cells: Sequence[dict[str, Any]], title: str = "steering sweep") -> go.Figure:
+    """EM rate (with CI), mean coherent, response projection and neutral-text KL vs α, direction vs random."""
+    has_em = any(c.get("em_rate") is not None for c in cells)
+    has_corr = any(c.get("em_corrected") is not None for c in cells)
+    panels = (["EM rate, raw"] if has_em else []) + (["EM share, corrected"] if has_corr else []) + (
+        ["mean coherent"] if has_em else []) + ["answer projection", "KL, neutral text"]
+    fig = make_subplots(rows=1, cols=len(panels), subplot_titles=panels)
+    groups: dict[tuple[str, Any], list[dict[str, Any]]] = {}
+    for c in cells:
+        groups.setdefault((c["condition"], c["layer"]), []).append(c)
+    zero = {c["layer"]: c for c in cells if c["condition"] == "direction" and c["alpha"] == 0}
+    layers = sorted({c["layer"] for c in cells}, key=str)
+    for (kind, L), cs in groups.items():
+        colour = condition_colour(kind, L, layers)
+        if kind == "random" and L in zero:
+            cs = [zero[L], *cs]  # α = 0 is shared by both
+        cs = sorted(cs, key=lambda c: c["alpha"])
+        xs = [c["alpha"] for c in cs]
+        dash = "dot" if kind == "random" else None
+        name = f"{kind} L{L}"
+        col = 1
+        if has_em:
+            # a cell with no coherent answer has no EM rate: leave a gap, never plot it as 0
+            fig.add_trace(go.Scatter(x=xs, y=[c.get("em_rate") for c in cs], name=name, mode="lines+markers",
+                                     line={"dash": dash, "color": colour}, legendgroup=name, error_y=_err(cs)), 1, 1)
+            col = 2
+            if has_corr:
+                ys = [c.get("em_corrected") for c in cs]
+                ci = [c.get("em_corrected_ci95") or [y, y] for c, y in zip(cs, ys)]
+                fig.add_trace(go.Scatter(
+                    x=xs, y=ys, name=name, mode="lines+markers", line={"dash": dash, "color": colour},
+                    legendgroup=name, showlegend=False, error_y={
+                        "type": "data", "array": [0.0 if y is None else b[1] - y for y, b in zip(ys, ci)],
+                        "arrayminus": [0.0 if y is None else y - b[0] for y, b in zip(ys, ci)]}), 1, col)
+                col += 1
+            fig.add_trace(go.Scatter(x=xs, y=[c.get("mean_coherent") for c in cs], name=name, mode="lines+markers",
+                                     line={"dash": dash, "color": colour}, legendgroup=name, showlegend=False),
+                          1, col)
+            col += 1
+        fig.add_trace(go.Scatter(x=xs, y=[c["mean_projection"] for c in cs], name=name, mode="lines+markers",
+                                 line={"dash": dash, "color": colour}, legendgroup=name, showlegend=not has_em), 1, col)
+        fig.add_trace(go.Scatter(x=xs, y=[c["kl_neutral"] for c in cs], name=name, mode="lines+markers",
+                                 line={"dash": dash, "color": colour}, legendgroup=name, showlegend=False), 1, col + 1)
+    fig.update_xaxes(title_text="α (× resid norm)")
+    fig.update_layout(title=title + (" — EM rate: among coherent answers, Wilson 95 %; EM share: of all answers, "
+                                     "corrected for the judge's measured error (Rogan–Gladen 95 %)" if has_corr else ""),
+                      title_font_size=13, height=440)
+    return fig
+
+
+def _err(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Asymmetric Wilson error bars; none where the EM rate is undefined (no coherent answer)."""
+    ys = [r.get("em_rate") for r in rows]
+    return {"type": "data", "symmetric": False,
+            "array": [0.0 if y is None else r["em_ci95"][1] - y for r, y in zip(rows, ys)],
+            "arrayminus": [0.0 if y is None else y - r["em_ci95"][0] for r, y in zip(rows, ys)]}
+
+
+def route_figure(res: dict[str, Any]) -> go.Figure:
+    """ICL: EM and projection vs k per instruction variant; persona/trigger: bars per condition."""
+    rows = res["conditions"]
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("EM rate (Wilson 95% CI)", "mean prompt projection"))
+    if res["route"] == "icl":
+        for v in res["variants"]:
+            rs = sorted([r for r in rows if r["variant"] == v], key=lambda r: r["k"])
+            xs = [r["k"] for r in rs]
+            fig.add_trace(go.Scatter(x=xs, y=[r.get("em_rate") or 0.0 for r in rs], error_y=_err(rs), name=v,
+                                     mode="lines+markers", legendgroup=v), 1, 1)
+            fig.add_trace(go.Scatter(x=xs, y=[r["prompt_projection"] for r in rs], name=v, mode="lines+markers",
+                                     legendgroup=v, showlegend=False), 1, 2)
+        fig.update_xaxes(title_text="k (in-context examples)")
+    else:
+        xs = [r["condition"] for r in rows]
+        fig.add_trace(go.Bar(x=xs, y=[r.get("em_rate") or 0.0 for r in rows], error_y=_err(rows), name="EM"), 1, 1)
+        fig.add_trace(go.Bar(x=xs, y=[r["prompt_projection"] for r in rows], name="projection"), 1, 2)
+    fig.update_layout(title=f"route: {res['route']} (layer {res.get('layer')})", height=450)
+    return fig
+
+
+def scatter_figure(points: Sequence[dict[str, Any]], r: float | None) -> go.Figure:
+    """Condition mean projection vs EM rate, coloured by route."""
+    fig = go.Figure()
+    for route in sorted({p["route"] for p in points}):
+        ps = [p for p in points if p["route"] == route]
+        fig.add_trace(go.Scatter(x=[p["projection"] for p in ps], y=[p["em_rate"] for p in ps], mode="markers",
+                                 name=route, text=[p["condition"] for p in ps]))
+    fig.update_layout(title=f"Does projection predict EM across routes? Pearson r = "
+                            f"{r if r is None else round(r, 3)}", xaxis_title="mean prompt projection on character "
+                      "direction", yaxis_title="EM rate", height=450)
+    return fig
