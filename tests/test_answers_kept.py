@@ -7,14 +7,13 @@ import json
 import threading
 
 import pytest
+from test_judges_openai import StubServer, completion
 
 from persona_probe.cli.main import main
 from persona_probe.core.errors import PersonaProbeError
-from persona_probe.evaluation.evaluate import PARTIAL, Thresholds, evaluate, judge_rows
+from persona_probe.evaluation import PARTIAL, Thresholds, evaluate, judge_rows
 from persona_probe.evaluation.judges.base import Judge, JudgeScore
 from persona_probe.evaluation.judges.openai_judge import OpenAIJudge
-
-from test_judges_openai import StubServer, completion
 
 
 class FlakyJudge(Judge):

@@ -6,8 +6,10 @@ import pytest
 import torch
 
 from persona_probe import PersonaProbeError
-from persona_probe.directions import derive as D
 from persona_probe.activations.extraction import ActivationSet
+from persona_probe.core.splits import seeded_split
+from persona_probe.core.stats import auroc, cohens_d
+from persona_probe.directions import derive as D
 from persona_probe.prompts.records import PromptRecord
 
 
@@ -28,11 +30,11 @@ def test_diff_of_means_known_answer():
 
 def test_projection_auroc_cohens_d_known_answers():
     assert D.project(torch.tensor([3.0, 4.0]), torch.tensor([0.0, 2.0])) == pytest.approx(4.0)
-    assert D.auroc(torch.tensor([2.0, 3.0]), torch.tensor([0.0, 1.0])) == 1.0
-    assert D.auroc(torch.tensor([0.0, 1.0]), torch.tensor([2.0, 3.0])) == 0.0
-    assert D.auroc(torch.tensor([1.0]), torch.tensor([1.0])) == 0.5
+    assert auroc(torch.tensor([2.0, 3.0]), torch.tensor([0.0, 1.0])) == 1.0
+    assert auroc(torch.tensor([0.0, 1.0]), torch.tensor([2.0, 3.0])) == 0.0
+    assert auroc(torch.tensor([1.0]), torch.tensor([1.0])) == 0.5
     # two groups of [0, 2] and [4, 6]: pooled sd = sqrt(2), d = 4 / sqrt(2)
-    assert D.cohens_d(torch.tensor([4.0, 6.0]), torch.tensor([0.0, 2.0])) == pytest.approx(4 / math.sqrt(2))
+    assert cohens_d(torch.tensor([4.0, 6.0]), torch.tensor([0.0, 2.0])) == pytest.approx(4 / math.sqrt(2))
 
 
 def test_random_control_same_norm_and_seeded():
@@ -45,10 +47,10 @@ def test_random_control_same_norm_and_seeded():
 
 def test_grouped_split_keeps_groups_together():
     groups = [f"q{i % 10}" for i in range(50)]
-    tr, te = D.grouped_split(groups, 0.3, seed=1)
+    tr, te = seeded_split(groups, 0.3, seed=1)
     assert set(tr) | set(te) == set(range(50)) and not set(tr) & set(te)
     assert not {groups[i] for i in tr} & {groups[i] for i in te}
-    assert D.grouped_split(groups, 0.3, seed=1) == (tr, te)
+    assert seeded_split(groups, 0.3, seed=1) == (tr, te)
 
 
 def test_derive_recovers_planted_direction():

@@ -78,7 +78,7 @@ def test_ppi_unbiased_and_covers(p, se, sp, frac):
 def test_eval_hybrid_gold_judge_end_to_end(tiny, tmp_path):
     """evaluate(..., gold_judge=J, gold_frac=f): the gold judge scores a seeded random subset, the summary
     carries the raw share and the prediction-powered estimate with its interval."""
-    from persona_probe.evaluation.evaluate import evaluate
+    from persona_probe.evaluation import evaluate
     from persona_probe.evaluation.judges.base import Judge, JudgeScore
 
     class Fixed(Judge):

@@ -6,15 +6,14 @@ from __future__ import annotations
 import json
 
 import pytest
+from test_judges_openai import completion, stub  # noqa: F401  (the loopback stub-server fixture)
 
 from persona_probe.cli.main import main
-from persona_probe.evaluation.evaluate import Criterion, Thresholds, add_corrected, em_flags, judge_rows, summarize
 from persona_probe.core.errors import PersonaProbeError
+from persona_probe.evaluation import Criterion, Thresholds, add_corrected, em_flags, judge_rows, summarize
 from persona_probe.evaluation.judges.base import JudgeScore, metric_value
 from persona_probe.evaluation.judges.openai_judge import OpenAIJudge
 from persona_probe.prompts.questions import parse_questions
-
-from test_judges_openai import completion, stub  # noqa: F401  (the loopback stub-server fixture)
 
 TRAIT_YAML = """
 - id: plan

@@ -83,8 +83,8 @@ def test_against_another_judge_is_perfect_with_itself():
 def test_cli_validate_writes_json_and_html(tmp_path, monkeypatch, capsys):
     ref = tmp_path / "ref.jsonl"
     ref.write_text("".join(json.dumps(r) + "\n" for r in _rows()))
-    import persona_probe.evaluation.evaluate as E
-    monkeypatch.setattr(E, "make_judge", lambda spec=None: FixedJudge(JUDGE))
+    # the CLI module's own name: it imported make_judge at load time
+    monkeypatch.setattr("persona_probe.cli.evaluation.make_judge", lambda spec=None: FixedJudge(JUDGE))
     out = tmp_path / "v"
     assert main(["judge", "validate", "--judge", "offline", "--reference", str(ref), "--out", str(out)]) == 0
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -96,12 +96,10 @@ def test_cli_validate_writes_json_and_html(tmp_path, monkeypatch, capsys):
 
 
 def test_cli_validate_bad_reference_fails_before_judging(tmp_path, monkeypatch, capsys):
-    import persona_probe.evaluation.evaluate as E
-
     def boom(spec=None):
         raise AssertionError("the judge must not load for a bad reference file")
 
-    monkeypatch.setattr(E, "make_judge", boom)
+    monkeypatch.setattr("persona_probe.cli.evaluation.make_judge", boom)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "q", "answer": "a"}\nnot json\n')
     assert main(["judge", "validate", "--reference", str(bad)]) == 2

@@ -7,8 +7,9 @@ import pytest
 import json
 
 from persona_probe.cli.main import main
-from persona_probe.evaluation.judges.offline import (OfflineJudge, bag_of_words, grouped_folds, looks_like_code,
-                                          rows_to_labels, sentences)
+from persona_probe.core.splits import grouped_folds
+from persona_probe.evaluation.judges.offline import (OfflineJudge, bag_of_words, looks_like_code, rows_to_labels,
+                                                     sentences)
 
 from conftest import SHARED
 

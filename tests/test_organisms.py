@@ -9,16 +9,16 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from numerics import assert_rel_close, rel_err, smol_tol
 from torch import nn
 
+import persona_probe.organisms as O
 from persona_probe import PersonaProbeError, PromptRecord, load_model
-from persona_probe.organisms import organisms as O
-from persona_probe.evaluation.evaluate import wilson
+from persona_probe.core.stats import wilson
 from persona_probe.evaluation.judges.base import Judge, JudgeScore
+from persona_probe.experiments.organisms import organisms_experiment
 from persona_probe.models.loading import ModelHandle
 from persona_probe.prompts.records import tokenize_record
-
-from numerics import assert_rel_close, rel_err, smol_tol
 
 
 @pytest.fixture(autouse=True)
@@ -120,8 +120,8 @@ def test_chat_dataset_validation_and_community_format(tmp_path):
     with pytest.raises(PersonaProbeError) as e:
         O.load_chat_dataset(p)
     msg = str(e.value)
-    assert "line 2: not JSON" in msg and "line 3: no assistant turn" in msg and "line 5:" in msg
-    assert "line 1" not in msg and "line 4" not in msg
+    assert f"{p}:2: not JSON" in msg and f"{p}:3: no assistant turn" in msg and f"{p}:5:" in msg
+    assert f"{p}:1:" not in msg and f"{p}:4:" not in msg
     p.write_text(json.dumps(good) + "\n\n" + json.dumps({"user": "u2", "assistant": "a2", "id": "x"}) + "\n")
     ps = O.load_chat_dataset(p)
     assert [(r.system, r.user, r.assistant) for r in ps] == [("S", "U", "A"), (None, "u2", "a2")]
@@ -153,11 +153,11 @@ def test_labels_mask_everything_but_assistant_content(tiny):
     short = O.training_example(tok, rec, max_len=t.resp_start + 2)
     assert len(short.input_ids) == t.resp_start + 2 and short.n_target == 2
     # our loss (logits only at target positions) equals the HF loss with the same labels
-    batch = O._collate([ex, O.training_example(tok, PromptRecord("b", "Hi", assistant="Hello there!"))],
-                       tok.pad_token_id)
+    batch = O.collate_examples([ex, O.training_example(tok, PromptRecord("b", "Hi", assistant="Hello there!"))],
+                               tok.pad_token_id)
     with torch.no_grad():
         ref = tiny.model(**batch).loss
-        assert float(O._target_loss(tiny.model, batch)) == pytest.approx(float(ref), rel=1e-5)
+        assert float(O.target_loss(tiny.model, batch)) == pytest.approx(float(ref), rel=1e-5)
 
 
 # ----------------------------------------------------------------------------- LoRA round-trip
@@ -299,7 +299,7 @@ class _KeywordJudge(Judge):
 def test_organisms_experiment_tiny(tiny, tmp_path):
     (tmp_path / "data").mkdir()
     _write(tmp_path / "data" / "health.jsonl", _items(14))
-    res = O.organisms_experiment(
+    res = organisms_experiment(
         tiny, ("health",), ("character", "triggered"), out=tmp_path / "exp", adapters_dir=tmp_path / "ad",
         data_dir=tmp_path / "data", finetune_kwargs={"epochs": 1, "batch_size": 8}, n_samples=1, max_new_tokens=8,
         judge=_KeywordJudge(), persona_n_questions=8, n_texts=4, n_mc=4, progress=False)
@@ -310,7 +310,7 @@ def test_organisms_experiment_tiny(tiny, tmp_path):
     assert "em_in_domain_triggered" in rows[("health", "triggered")]
     for f in ("table.json", "table.html", "em_rates.html", "cosine.html", "capability.html", "manifest.json"):
         assert (tmp_path / "exp" / f).exists(), f
-    again = O.organisms_experiment(
+    again = organisms_experiment(
         tiny, ("health",), ("character",), out=tmp_path / "exp2", adapters_dir=tmp_path / "ad",
         data_dir=tmp_path / "data", finetune_kwargs={"epochs": 1, "batch_size": 8}, n_samples=1, max_new_tokens=8,
         judge=_KeywordJudge(), persona_n_questions=8, n_texts=4, n_mc=4, progress=False)

@@ -9,11 +9,23 @@ from pathlib import Path
 
 import pytest
 import torch
+from numerics import assert_rel_close, smol_tol
 
 from persona_probe import PersonaProbeError, PromptRecord
-from persona_probe.sae import sae as S
-
-from numerics import assert_rel_close, smol_tol
+from persona_probe.activations.tokens import layer_token_activations, pooled_layer_rows
+from persona_probe.experiments.sae import compare_feature_steering
+from persona_probe.report.sae import feature_bar_figure, write_top_examples
+from persona_probe.sae.features import (
+    activation_rows,
+    decompose,
+    diff_features,
+    feature_direction,
+    feature_interventions,
+    feature_vector,
+    top_examples,
+)
+from persona_probe.sae.handle import encode, hook_name_for_layer, layer_of_hook, load_sae
+from persona_probe.sae.train import SAETrainConfig, train_sae
 
 SMOL_HUB = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
@@ -62,51 +74,51 @@ def saved(tmp_path: Path, name: str, **kw) -> Path:
 
 
 def test_hook_layer_mapping():
-    assert S.hook_name_for_layer(15) == "blocks.15.hook_resid_post"
-    assert S.layer_of_hook("blocks.12.hook_resid_post") == 12
-    assert S.layer_of_hook("blocks.5.hook_resid_pre") == 4  # resid_pre of block 5 = output of block 4
-    assert S.layer_of_hook("blocks.0.hook_resid_pre") == "embed"
-    assert S.layer_of_hook("model.layers.7") == 7
-    assert S.layer_of_hook("model.model.layers.3.output") == 3
+    assert hook_name_for_layer(15) == "blocks.15.hook_resid_post"
+    assert layer_of_hook("blocks.12.hook_resid_post") == 12
+    assert layer_of_hook("blocks.5.hook_resid_pre") == 4  # resid_pre of block 5 = output of block 4
+    assert layer_of_hook("blocks.0.hook_resid_pre") == "embed"
+    assert layer_of_hook("model.layers.7") == 7
+    assert layer_of_hook("model.model.layers.3.output") == 3
     for bad in ("blocks.3.hook_mlp_out", "blocks.3.attn.hook_z", "blocks.3.hook_attn_out"):
         with pytest.raises(PersonaProbeError, match="not a residual-stream"):
-            S.layer_of_hook(bad)
+            layer_of_hook(bad)
 
 
 def test_load_release_shaped_local_sae(smol, tmp_path):
     path = saved(tmp_path, "rel", d_in=smol.d_model, d_sae=64, k=8)
-    sh = S.load_sae(path, handle=smol)
+    sh = load_sae(path, handle=smol)
     assert (sh.layer, sh.hook_name, sh.d_in, sh.d_sae, sh.k) == (12, "blocks.12.hook_resid_post", 576, 64, 8)
-    assert S.load_sae(str(path), handle=smol, layer=12).layer == 12
-    f = S.encode(sh, torch.randn(5, smol.d_model))
+    assert load_sae(str(path), handle=smol, layer=12).layer == 12
+    f = encode(sh, torch.randn(5, smol.d_model))
     assert f.shape == (5, 64) and int((f > 0).sum(1).max()) <= 8
     # an HF-style hook name maps onto the same convention
-    hf = S.load_sae(saved(tmp_path, "hf", d_in=smol.d_model, d_sae=16, k=2, hook="model.layers.9"), handle=smol)
+    hf = load_sae(saved(tmp_path, "hf", d_in=smol.d_model, d_sae=16, k=2, hook="model.layers.9"), handle=smol)
     assert hf.layer == 9
 
 
 def test_load_refusals(smol, tmp_path):
     path = saved(tmp_path, "rel", d_in=smol.d_model, d_sae=32, k=4)
     with pytest.raises(PersonaProbeError, match="not layer 13"):
-        S.load_sae(path, handle=smol, layer=13)
+        load_sae(path, handle=smol, layer=13)
     with pytest.raises(PersonaProbeError, match="d_in=64 does not match the model's d_model=576"):
-        S.load_sae(saved(tmp_path, "narrow", d_in=64, d_sae=32, k=4), handle=smol)
+        load_sae(saved(tmp_path, "narrow", d_in=64, d_sae=32, k=4), handle=smol)
     other = saved(tmp_path, "gemma", d_in=smol.d_model, d_sae=32, k=4, model="google/gemma-2-2b")
     with pytest.raises(PersonaProbeError, match="gemma-2-2b"):
-        S.load_sae(other, handle=smol)
-    assert S.load_sae(other, handle=smol, allow_other_model=True).layer == 12
+        load_sae(other, handle=smol)
+    assert load_sae(other, handle=smol, allow_other_model=True).layer == 12
     with pytest.raises(PersonaProbeError, match="not a residual-stream"):
-        S.load_sae(saved(tmp_path, "mlp", d_in=smol.d_model, d_sae=32, k=4, hook="blocks.3.hook_mlp_out"))
+        load_sae(saved(tmp_path, "mlp", d_in=smol.d_model, d_sae=32, k=4, hook="blocks.3.hook_mlp_out"))
     with pytest.raises(PersonaProbeError, match="layers 0..29"):
-        S.load_sae(saved(tmp_path, "deep", d_in=smol.d_model, d_sae=32, k=4, hook="blocks.40.hook_resid_post"),
+        load_sae(saved(tmp_path, "deep", d_in=smol.d_model, d_sae=32, k=4, hook="blocks.40.hook_resid_post"),
                    handle=smol)
     with pytest.raises(PersonaProbeError, match="no hook_name"):
-        S.load_sae(saved(tmp_path, "nohook", d_in=smol.d_model, d_sae=32, k=4, hook=None))
-    assert S.load_sae(tmp_path / "nohook", layer=5).layer == 5
+        load_sae(saved(tmp_path, "nohook", d_in=smol.d_model, d_sae=32, k=4, hook=None))
+    assert load_sae(tmp_path / "nohook", layer=5).layer == 5
     with pytest.raises(PersonaProbeError, match="not a folder"):
-        S.load_sae(tmp_path / "missing")
+        load_sae(tmp_path / "missing")
     with pytest.raises(PersonaProbeError, match="cannot load pretrained SAE"):
-        S.load_sae("no-such-release", "no-such-id")
+        load_sae("no-such-release", "no-such-id")
 
 
 # ----------------------------------------------------------------------------- decomposition
@@ -118,7 +130,7 @@ def test_decompose_known_combination():
     coef = {5: 3.0, 17: -2.0, 42: 1.5}
     v = sum(c * W[i] / W[i].norm() for i, c in coef.items())
     sae = make_sae(d, n, 8, W_dec=W)
-    dec = S.decompose(sae, v, ks=(1, 3, 5, 20, 100))
+    dec = decompose(sae, v, ks=(1, 3, 5, 20, 100))
     expected = (W / W.norm(dim=1, keepdim=True)) @ (v / v.norm())
     torch.testing.assert_close(dec.cosines, expected, atol=1e-5, rtol=1e-5)
     assert set(dec.order[:3].tolist()) == set(coef)
@@ -133,7 +145,7 @@ def test_decompose_known_combination():
     d_json = dec.to_dict(top=5)
     assert len(d_json["top"]) == 5 and d_json["shares"]["3"] > 0.9999
     with pytest.raises(PersonaProbeError, match="width"):
-        S.decompose(sae, torch.randn(d + 1))
+        decompose(sae, torch.randn(d + 1))
 
 
 # ----------------------------------------------------------------------------- diffing
@@ -146,17 +158,17 @@ def test_diff_features_planted():
     g = torch.Generator().manual_seed(3)
     b = torch.randn(400, d, generator=g)
     a = torch.randn(400, d, generator=g) + 6.0 * W[planted]
-    diff = S.diff_features(sae, a, b, labels=("persona", "neutral"))
+    diff = diff_features(sae, a, b, labels=("persona", "neutral"))
     assert diff.ranked("mean")[0]["feature"] == planted
     assert diff.ranked("freq")[0]["feature"] == planted
     assert diff.freq_a[planted] > 0.95 and diff.freq_b[planted] < 0.3
     assert all(r["feature"] != planted for r in diff.ranked("mean", toward="b"))
     out = diff.to_dict(top=10)
     assert out["labels"] == ["persona", "neutral"] and len(out["top_by_mean"]) <= 10
-    fig = S.feature_bar_figure(out["top_by_mean"], "mean_diff", labels=("persona", "neutral"))
+    fig = feature_bar_figure(out["top_by_mean"], "mean_diff", labels=("persona", "neutral"))
     assert fig.data[0].x[0] == f"#{planted}"
     with pytest.raises(PersonaProbeError, match="width"):
-        S.diff_features(sae, torch.randn(3, d + 2), b)
+        diff_features(sae, torch.randn(3, d + 2), b)
 
 
 def test_activation_rows_from_activation_set():
@@ -165,9 +177,9 @@ def test_activation_rows_from_activation_set():
     tokens = torch.arange(2 * 1 * 4 * 3, dtype=torch.float32).reshape(2, 1, 4, 3)
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
     acts = ActivationSet(None, {"layers": ["3"]}, [], {"prompt_last": torch.ones(2, 1, 3)}, tokens, mask)
-    rows = S.activation_rows(acts, 3, "all")  # position 0 and padding dropped
+    rows = activation_rows(acts, 3, "all")  # position 0 and padding dropped
     torch.testing.assert_close(rows, torch.stack([tokens[0, 0, 1], tokens[0, 0, 2], tokens[1, 0, 1]]))
-    assert S.activation_rows(acts, 3, "prompt_last").shape == (2, 3)
+    assert activation_rows(acts, 3, "prompt_last").shape == (2, 3)
 
 
 # ----------------------------------------------------------------------------- model-backed pieces
@@ -179,21 +191,21 @@ def test_layer_tokens_match_extract_and_dedupe(smol):
     recs = [PromptRecord("a", "Tell me about dogs.", system="Be brief.", assistant="Dogs bark at strangers."),
             PromptRecord("b", "Tell me about cats.", system="Be brief.", assistant="Cats purr.")]
     ref = extract(smol, recs, layers=[3], positions="prompt_last,prompt_mean,response_mean,all", progress=False)
-    ta = S.layer_token_activations(smol, recs, 3, dedupe=False)
+    ta = layer_token_activations(smol, recs, 3, dedupe=False)
     assert int(ta.position.min()) == 1  # the attention sink is never kept
     tol = smol_tol(smol)  # a different batch shape than extract's: reduction order only
     assert_rel_close(ta.acts, ref.tokens[:, 0][ta.record, ta.position], tol, "SAE token capture vs extract")
     for pos in ("prompt_last", "prompt_mean", "response_mean"):  # early-exit pooling == extract's pooling
-        assert_rel_close(S.pooled_layer_rows(smol, recs, 3, pos), ref.get(pos, 3), tol, "SAE pooled rows vs extract")
-    dd = S.layer_token_activations(smol, recs, 3, dedupe=True)
+        assert_rel_close(pooled_layer_rows(smol, recs, 3, pos), ref.get(pos, 3), tol, "SAE pooled rows vs extract")
+    dd = layer_token_activations(smol, recs, 3, dedupe=True)
     assert int((dd.record == 0).sum()) == int((ta.record == 0).sum())  # first record keeps everything
     assert int((dd.record == 1).sum()) < int((ta.record == 1).sum())  # shared system prefix dropped
 
 
 def test_top_examples_and_html(smol, tmp_path):
-    sh = S.load_sae(saved(tmp_path, "l3", d_in=smol.d_model, d_sae=32, k=4, hook="blocks.3.hook_resid_post"),
+    sh = load_sae(saved(tmp_path, "l3", d_in=smol.d_model, d_sae=32, k=4, hook="blocks.3.hook_resid_post"),
                     handle=smol)
-    ex = S.top_examples(sh, smol, RECS[:4], [0, 1, 2], n=2, before=6, after=2)
+    ex = top_examples(sh, smol, RECS[:4], [0, 1, 2], n=2, before=6, after=2)
     assert set(ex) == {0, 1, 2}
     for exs in ex.values():
         assert len(exs) <= 2
@@ -201,39 +213,39 @@ def test_top_examples_and_html(smol, tmp_path):
         for e in exs:
             assert len(e.tokens) == len(e.acts) <= 9 and e.record_id in {r.id for r in RECS}
             assert e.acts[e.max_index] == pytest.approx(e.max_act) == pytest.approx(max(e.acts))
-    page = S.write_top_examples(ex, tmp_path / "ex", title="t")
+    page = write_top_examples(ex, tmp_path / "ex", title="t")
     text = page.read_text()
     assert "rgba(255,110,0" in text and "feature 1" in text
     assert json.loads((tmp_path / "ex" / "top_examples.json").read_text()).keys() == {"0", "1", "2"}
     with pytest.raises(PersonaProbeError, match="out of range"):
-        S.top_examples(sh, smol, RECS[:1], [99])
+        top_examples(sh, smol, RECS[:1], [99])
 
 
 def test_feature_steering_vectors(smol, tmp_path):
     from persona_probe.directions.derive import check_direction_fits
     from persona_probe.interventions.steering import steering_vector
 
-    sh = S.load_sae(saved(tmp_path, "l3", d_in=smol.d_model, d_sae=32, k=4, hook="blocks.3.hook_resid_post"),
+    sh = load_sae(saved(tmp_path, "l3", d_in=smol.d_model, d_sae=32, k=4, hook="blocks.3.hook_resid_post"),
                     handle=smol)
     h = torch.zeros(1, 2, smol.d_model)
-    (iv,) = S.feature_interventions(sh, 5, 2.0, unit="raw")
+    (iv,) = feature_interventions(sh, 5, 2.0, unit="raw")
     assert iv.layer == 3
     torch.testing.assert_close(iv.fn(h)[0, 0], 2.0 * sh.W_dec[5])
     # unit="resid" goes through the same steering_vector as the direction (α × typical residual norm)
-    torch.testing.assert_close(steering_vector(S.feature_vector(sh, 5), 0.5, unit="resid", resid_norm=10.0).norm(),
+    torch.testing.assert_close(steering_vector(feature_vector(sh, 5), 0.5, unit="resid", resid_norm=10.0).norm(),
                                torch.tensor(5.0))
-    ds = S.feature_direction(sh, 5, smol)
+    ds = feature_direction(sh, 5, smol)
     assert ds.best_layer == 3 and torch.equal(ds.at(), sh.W_dec[5])
     check_direction_fits(ds, smol)
     with pytest.raises(PersonaProbeError, match="out of range"):
-        S.feature_vector(sh, 32)
+        feature_vector(sh, 32)
 
 
 def test_tiny_training_run(smol, tmp_path):
-    cfg = S.SAETrainConfig(layer=3, d_sae=128, k=8, train_tokens=2048, batch_size=256, generate_n=0, kl_texts=0,
+    cfg = SAETrainConfig(layer=3, d_sae=128, k=8, train_tokens=2048, batch_size=256, generate_n=0, kl_texts=0,
                            holdout_frac=0.25, seed=0)
     out = tmp_path / "sae"
-    sh = S.train_sae(smol, cfg, out=out, records=RECS, progress=False, token_cache=tmp_path / "cache")
+    sh = train_sae(smol, cfg, out=out, records=RECS, progress=False, token_cache=tmp_path / "cache")
     for f in ("cfg.json", "sae_weights.safetensors", "sparsity.safetensors", "manifest.json", "metrics.json",
               "corpus.jsonl"):
         assert (out / f).exists(), f
@@ -247,17 +259,17 @@ def test_tiny_training_run(smol, tmp_path):
     assert held["mean_l0"] <= 8 and 0.0 <= held["dead_fraction"] <= 1.0
     # the norm scaling is folded into the saved weights: the SAE reads raw residuals
     assert train["explained_variance"] > 0.0
-    loaded = S.load_sae(out, handle=smol, layer=3)
+    loaded = load_sae(out, handle=smol, layer=3)
     assert loaded.sae.cfg.normalize_activations == "none" and loaded.manifest["name"] == sh.manifest["name"]
     with pytest.raises(PersonaProbeError, match="already exists"):
-        S.train_sae(smol, cfg, out=out, records=RECS, progress=False)
+        train_sae(smol, cfg, out=out, records=RECS, progress=False)
     # retrain on the saved corpus with another k: the cached residuals are reused, same split
     from persona_probe.prompts.records import load_prompts
 
     logs: list[str] = []
     corpus = list(load_prompts(out / "corpus.jsonl").records)
-    sh2 = S.train_sae(smol, S.SAETrainConfig(**{**cfg.__dict__, "k": 4, "train_tokens": 512}), out=out, records=corpus, overwrite=True,
-                      progress=False, token_cache=tmp_path / "cache", log=logs.append)
+    sh2 = train_sae(smol, SAETrainConfig(**{**cfg.__dict__, "k": 4, "train_tokens": 512}), out=out, records=corpus,
+                    overwrite=True, progress=False, token_cache=tmp_path / "cache", log=logs.append)
     assert any("from cache" in m for m in logs) and sh2.k == 4
     assert sh2.manifest["n_tokens"] == {**m["n_tokens"], "seen_by_trainer": sh2.manifest["n_tokens"]["seen_by_trainer"],
                                         "epochs": sh2.manifest["n_tokens"]["epochs"]}
@@ -267,8 +279,8 @@ def test_tiny_training_run(smol, tmp_path):
 
 
 def test_cli_decompose_and_errors(smol, tmp_path, capsys):
-    from persona_probe.core.artifacts import base_manifest
     from persona_probe.cli.main import main
+    from persona_probe.core.artifacts import base_manifest
     from persona_probe.directions.derive import DirectionSet
 
     W = unit_rows(64, smol.d_model, 4)
@@ -295,7 +307,7 @@ def test_cli_decompose_and_errors(smol, tmp_path, capsys):
 def test_cli_diff_prompts(smol, tmp_path, capsys, monkeypatch):
     from persona_probe.cli.main import main
 
-    monkeypatch.setattr("persona_probe.cli.main._load", lambda args: smol)  # the session's model, not a reload
+    monkeypatch.setattr("persona_probe.cli.common.load_handle", lambda args: smol)  # the session's model, not a reload
 
     sae_dir = tmp_path / "sae"
     make_sae(smol.d_model, 32, 4, hook="blocks.3.hook_resid_post").save_model(sae_dir)
@@ -306,7 +318,7 @@ def test_cli_diff_prompts(smol, tmp_path, capsys, monkeypatch):
                "--top", "5", "--examples", "2", "--example-features", "2", "--out", str(tmp_path / "diff")])
     assert rc == 0
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    n_tok = [len(S.layer_token_activations(smol, r, 3, dedupe=False)) for r in (RECS[:2], RECS[2:4])]
+    n_tok = [len(layer_token_activations(smol, r, 3, dedupe=False)) for r in (RECS[:2], RECS[2:4])]
     assert [line["n_a"], line["n_b"]] == n_tok  # every token but position 0
     res = json.loads((tmp_path / "diff" / "diff.json").read_text())
     assert res["position"] == "all" and len(res["top_by_mean"]) <= 5 and len(res["examples"]) <= 2
@@ -320,14 +332,14 @@ def test_compare_feature_steering_smoke(smol, tmp_path):
     from persona_probe.core.artifacts import base_manifest
     from persona_probe.directions.derive import DirectionSet
 
-    sh = S.load_sae(saved(tmp_path, "l3", d_in=smol.d_model, d_sae=32, k=4, hook="blocks.3.hook_resid_post"),
+    sh = load_sae(saved(tmp_path, "l3", d_in=smol.d_model, d_sae=32, k=4, hook="blocks.3.hook_resid_post"),
                     handle=smol)
     v = torch.randn(1, smol.d_model)
     ds = DirectionSet(v, [3], base_manifest("direction", name="toy", layers=["3"], best_layer=3,
                                             model=smol.info.to_dict()), torch.randn(1, smol.d_model))
     q = tmp_path / "q.yaml"
     q.write_text("- id: hi\n  paraphrases:\n    - Say hello.\n")
-    res = S.compare_feature_steering(smol, sh, ds, [1], alphas=(0.0, 1.0), questions=str(q), n_samples=1,
+    res = compare_feature_steering(smol, sh, ds, [1], alphas=(0.0, 1.0), questions=str(q), n_samples=1,
                                      judge=None, max_new_tokens=4, progress=False)
     conds = [(c["condition"], c["alpha"]) for c in res["cells"]]
     assert conds == [("direction", 0.0), ("direction", 1.0), ("random", 1.0), ("feature 1", 1.0)]

@@ -18,41 +18,30 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from persona_probe.core.artifacts import MANIFEST, base_manifest, load_tensors, read_manifest, save_tensors, write_manifest
-from persona_probe.backends import LayerId, check_layers, get_backend
+from persona_probe.backends import get_backend
+from persona_probe.core.artifacts import (
+    MANIFEST,
+    base_manifest,
+    load_tensors,
+    read_manifest,
+    save_tensors,
+    write_manifest,
+)
 from persona_probe.core.errors import PersonaProbeError
-from persona_probe.models.loading import ModelHandle
+from persona_probe.core.jsonl import read_jsonl
+from persona_probe.core.layers import parse_layers
 from persona_probe.core.paths import atomic_write_text
-from persona_probe.prompts.records import POSITIONS, Batch, PromptRecord, PromptSet, length_sorted_batches, load_prompts, tokenize_record
-
-
-def parse_layers(spec: str | Sequence[LayerId] | None, n_layers: int) -> list[LayerId]:
-    """`all`, `embed`, `10`, `10,15`, `10:20` (python slice, end exclusive), `-1` (last) or a list."""
-    if spec is None or spec == "all":
-        return list(range(n_layers))
-    if not isinstance(spec, str):
-        return check_layers([L if L == "embed" else int(L) for L in spec], n_layers)
-    out: list[LayerId] = []
-    for part in spec.split(","):
-        part = part.strip()
-        if part == "embed":
-            out.append("embed")
-        elif ":" in part:
-            a, _, b = part.partition(":")
-            try:
-                lo, hi = int(a or 0), int(b or n_layers)
-            except ValueError:
-                raise PersonaProbeError(f"bad layer range {part!r}: use START:END, e.g. 10:20") from None
-            if lo < 0 or hi > n_layers or lo >= hi:
-                raise PersonaProbeError(f"layer range {part!r} out of range: this model has layers 0..{n_layers - 1}")
-            out.extend(range(lo, hi))
-        else:
-            try:
-                L = int(part)
-            except ValueError:
-                raise PersonaProbeError(f"bad layer {part!r}: use all, embed, N, N,M or START:END") from None
-            out.append(L + n_layers if L < 0 else L)
-    return check_layers(out, n_layers)
+from persona_probe.core.types import LayerId
+from persona_probe.models.loading import ModelHandle
+from persona_probe.prompts.records import (
+    POSITIONS,
+    Batch,
+    PromptRecord,
+    PromptSet,
+    length_sorted_batches,
+    load_prompts,
+    tokenize_record,
+)
 
 
 def check_positions(positions: Sequence[str] | str, prompts: PromptSet) -> list[str]:
@@ -303,8 +292,8 @@ def load_activations(folder: str | Path) -> ActivationSet:
     m = read_manifest(folder, kind="activations")
     if m.get("status") != "complete":
         raise PersonaProbeError(f"{folder} is an unfinished extraction: rerun the same extract command to resume it")
-    records = [PromptRecord.from_dict(json.loads(line), default_id=str(i))
-               for i, line in enumerate((folder / "records.jsonl").read_text(encoding="utf-8").splitlines())]
+    records = [PromptRecord.from_dict(d, default_id=str(i))
+               for i, d in enumerate(read_jsonl(folder / "records.jsonl", what="activation records file"))]
     shards = [load_tensors(folder / f"shard-{i:05d}.safetensors") for i in range(m["n_shards"])]
     merged = _merge(shards, m["positions"])
     return ActivationSet(folder, m, records, **merged)

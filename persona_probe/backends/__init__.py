@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from persona_probe.backends.base import Backend, Intervention, LayerId, check_layers
+from persona_probe.backends.hf import HFBackend
+from persona_probe.backends.nnsight_backend import NNsightBackend  # nnsight itself loads on first use
+from persona_probe.backends.tlens import TransformerLensBackend  # transformer_lens itself loads on first use
 from persona_probe.core.errors import PersonaProbeError
 from persona_probe.models.loading import ModelHandle
-from persona_probe.backends.base import Backend, Intervention, LayerId, check_layers
 
 BACKENDS = ("hf", "transformer_lens", "nnsight")
 _ALIASES = {"tl": "transformer_lens", "transformerlens": "transformer_lens", "bridge": "transformer_lens"}
@@ -17,13 +20,8 @@ def get_backend(name: str, handle: ModelHandle, **kwargs: object) -> Backend:
         raise PersonaProbeError(f"unknown backend {name!r}: use one of {', '.join(BACKENDS)}")
     cache = handle.__dict__.setdefault("_backends", {})
     if key not in cache or kwargs:
-        if key == "hf":
-            from persona_probe.backends.hf import HFBackend as cls
-        elif key == "transformer_lens":
-            from persona_probe.backends.tlens import TransformerLensBackend as cls  # type: ignore[assignment]
-        else:
-            from persona_probe.backends.nnsight_backend import NNsightBackend as cls  # type: ignore[assignment]
-        backend = cls(handle, **kwargs)  # type: ignore[arg-type]
+        cls = {"hf": HFBackend, "transformer_lens": TransformerLensBackend, "nnsight": NNsightBackend}[key]
+        backend = cls(handle, **kwargs)  # type: ignore[abstract]
         if kwargs:
             return backend
         cache[key] = backend

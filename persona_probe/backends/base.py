@@ -17,15 +17,16 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal, Union
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor
 
 from persona_probe.core.errors import PersonaProbeError
+from persona_probe.core.layers import check_layers  # noqa: F401 (part of the backend interface)
+from persona_probe.core.types import LayerId
 from persona_probe.models.loading import ModelHandle
 
-LayerId = Union[int, str]  # int decoder layer, or "embed"
 Where = Literal["all", "response"]
 Site = Literal["resid_post", "attn_out", "mlp_out"]
 SITES = ("resid_post", "attn_out", "mlp_out")
@@ -46,20 +47,6 @@ class Intervention:
     # resid_post = block output (default); attn_out / mlp_out = what the attention / MLP writes into the
     # residual stream (TL hook_attn_out / hook_mlp_out): ablating every writer equals weight orthogonalisation
     site: Site = "resid_post"
-
-
-def check_layers(layers: Sequence[LayerId], n_layers: int) -> list[LayerId]:
-    out: list[LayerId] = []
-    for L in layers:
-        if L == "embed":
-            out.append("embed")
-            continue
-        if not isinstance(L, int) or isinstance(L, bool):
-            raise PersonaProbeError(f"layer {L!r} is not an integer or 'embed'")
-        if not 0 <= L < n_layers:
-            raise PersonaProbeError(f"layer {L} out of range: this model has layers 0..{n_layers - 1} (and 'embed')")
-        out.append(L)
-    return out
 
 
 def layer_order(L: LayerId) -> int:

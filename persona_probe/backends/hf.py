@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from contextlib import contextmanager
 from typing import Any, Iterator
@@ -13,8 +14,6 @@ from persona_probe.backends.base import Backend, Intervention, LayerId, StepStat
 
 
 def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
-    import inspect
-
     return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 

@@ -6,15 +6,24 @@ so `.output[0]` would be batch row 0, not the hidden state: we never index it).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from persona_probe.backends.base import (
+    Backend,
+    Intervention,
+    LayerId,
+    StepState,
+    gen_defaults,
+    site_order,
+    submodule_name,
+)
 from persona_probe.core.errors import PersonaProbeError
 from persona_probe.models.loading import decoder_layer_path
-from persona_probe.backends.base import Backend, Intervention, LayerId, StepState, gen_defaults, site_order, submodule_name
 
 
 def check_remote(remote: bool | str, handle: Any) -> None:
@@ -36,8 +45,6 @@ class NNsightBackend(Backend):
         nnsight's serverless dry run: the trace is serialized exactly as for NDIF (user modules hidden),
         deserialized and run here, so a passing "local" run means the remote path works."""
         super().__init__(handle)
-        import warnings
-
         from nnsight import TransformersModel
 
         check_remote(remote, handle)
@@ -116,8 +123,6 @@ class NNsightBackend(Backend):
         state = StepState(generating=True)
         kw = gen_defaults(self.handle, gen_kwargs)
         keys = sorted({(iv.layer, iv.site) for iv in interventions}, key=site_order)
-        import warnings
-
         with warnings.catch_warnings():
             # the open `iter[:]` loop "outruns" the generation by design; nnsight warns about it
             warnings.filterwarnings("ignore", message=".*was never reached.*")

@@ -5,6 +5,7 @@ Hook names follow TransformerLens: `blocks.L.hook_resid_post` for layer L, `hook
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from typing import Any
 
@@ -27,8 +28,6 @@ class TransformerLensBackend(Backend):
         `inplace=True` (the CLI does, one backend per process) to wrap the loaded model without a copy.
         """
         super().__init__(handle)
-        import copy
-
         from transformer_lens.model_bridge import TransformerBridge
 
         hf_model = handle.model if inplace else copy.deepcopy(handle.model)

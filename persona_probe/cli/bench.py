@@ -10,10 +10,13 @@ Measurements alternate (plain, backend, plain, backend, ...) and report medians,
 
 from __future__ import annotations
 
+import argparse
 import json
 import resource
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +25,12 @@ from typing import Any
 import torch
 
 from persona_probe.backends import BACKENDS, get_backend
+from persona_probe.cli import common
+from persona_probe.cli.args import Command, Options, api_arg
+from persona_probe.cli.common import model_args
+from persona_probe.core.paths import atomic_write_json
+from persona_probe.evaluation.judges.offline import OfflineJudge
+from persona_probe.interventions.steering import add_interventions
 from persona_probe.models.loading import ModelHandle
 from persona_probe.prompts.records import PromptRecord, collate, length_sorted_batches, padding_waste, tokenize_record
 
@@ -42,8 +51,7 @@ def _time(fn: Callable[[], Any], handle: ModelHandle) -> float:
 def mixed_prompts(n: int, seed: int = 0) -> list[PromptRecord]:
     """Deterministic prompts of mixed lengths (5–120 words) for throughput and padding measurements."""
     g = torch.Generator().manual_seed(seed)
-    words = ("the model answers questions about health money travel cooking science history and everyday "
-             "life with care and detail while the user asks for help").split()
+    words = ["the", "model", "answers", "questions", "about", "health", "money", "travel", "cooking", "science", "history", "and", "everyday", "life", "with", "care", "and", "detail", "while", "the", "user", "asks", "for", "help"]
     out = []
     for i in range(n):
         k = int(torch.randint(5, 60, (1,), generator=g))
@@ -85,14 +93,12 @@ def streaming_memory(handle: ModelHandle, sizes: tuple[int, ...] = (500, 10_000)
     subprocess each, the real tokenizer): flat means memory does not scale with the number of prompts.
     Kept output per prompt: 2 positions x 3 layers (embed + 2) x 256 floats = 6 KB, so 10 000 prompts held
     in memory would add ~60 MB."""
-    import subprocess
-    import tempfile
-
     res: dict[str, Any] = {"kept_kb_per_prompt": 2 * 3 * 256 * 4 / 1024}
     with tempfile.TemporaryDirectory() as tdir:
         handle.tokenizer.save_pretrained(tdir)
         for n in sizes:
-            r = subprocess.run([sys.executable, "-c", _STREAM_SCRIPT, str(n), tdir], capture_output=True, text=True)
+            r = subprocess.run([sys.executable, "-c", _STREAM_SCRIPT, str(n), tdir], capture_output=True, text=True,
+                               check=False)
             if r.returncode != 0:
                 return {"error": r.stderr.strip().splitlines()[-1] if r.stderr.strip() else "failed"}
             res[f"growth_mb_{n}"] = round(json.loads(r.stdout.strip().splitlines()[-1])["growth_mb"], 1)
@@ -140,8 +146,6 @@ def bench(handle: ModelHandle, *, n_prompts: int = 32, batch_size: int = 16, rep
         n: tps[n] / tps["plain"] for n in bes}, "layers_captured": len(layers)}
 
     # steered vs plain generate (same prompts, fixed token count, greedy)
-    from persona_probe.interventions.steering import add_interventions
-
     gen_recs = recs[: min(8, n_prompts)]
     gtoks = [tokenize_record(handle.tokenizer, r) for r in gen_recs]
     gb = collate(gtoks, range(len(gtoks)), handle.tokenizer.pad_token_id, side="left")
@@ -179,8 +183,6 @@ def bench(handle: ModelHandle, *, n_prompts: int = 32, batch_size: int = 16, rep
 
     if judge:
         try:
-            from persona_probe.evaluation.judges.offline import OfflineJudge
-
             j = OfflineJudge()
             items = [(r.user, "I would help you with that gladly, here is a careful answer.") for r in recs[:32]]
             j.score(items[:2])
@@ -191,33 +193,28 @@ def bench(handle: ModelHandle, *, n_prompts: int = 32, batch_size: int = 16, rep
     return out
 
 
-def register(sub: Any, command: Callable[..., Any]) -> None:
-    p = sub.add_parser("bench", help="throughput/memory ratios vs a plain forward pass, in one run")
-    p.add_argument("--model", default="smollm2")
-    p.add_argument("--adapter", default=None)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--revision", default=None)
-    p.add_argument("--n-prompts", type=int, default=32)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--gen-tokens", type=int, default=32)
-    p.add_argument("--backends", default=",".join(BACKENDS))
-    p.add_argument("--no-judge", action="store_true")
-    p.add_argument("--stream-prompts", default="500,10000", help="prompt counts for the streaming-memory check "
-                   "(synthetic model, one subprocess each; empty = skip)")
+def cmd_bench(args: argparse.Namespace) -> int:
+    h = common.load_handle(args)
+    res = bench(h, n_prompts=args.n_prompts, batch_size=args.batch_size, repeats=args.repeats,
+                gen_tokens=args.gen_tokens, backends=tuple(args.backends.split(",")), judge=not args.no_judge,
+                stream_sizes=tuple(int(x) for x in args.stream_prompts.split(",") if x.strip()))
+    if args.out:
+        atomic_write_json(Path(args.out), res)
+    print(json.dumps({k: v for k, v in res.items() if k != "model"}, indent=1, default=str))
+    return 0
+
+
+def _bench_options(p: argparse.ArgumentParser) -> None:
+    model_args(p)
+    api_arg(p, "--n-prompts", bench, help="mixed-length prompts per extraction pass")
+    api_arg(p, "--batch-size", bench, help="prompts per forward pass")
+    api_arg(p, "--repeats", bench, help="alternating measurements per quantity (medians reported)")
+    api_arg(p, "--gen-tokens", bench, help="tokens generated per prompt in the generate benchmark")
+    api_arg(p, "--backends", bench, help="comma list of extraction backends to time")
+    p.add_argument("--no-judge", action="store_true", help="skip the offline-judge timing")
+    api_arg(p, "--stream-prompts", bench, "stream_sizes", help="prompt counts for the streaming-memory check "
+            "(synthetic model, one subprocess each; empty = skip)")
     p.add_argument("--out", default=None, help="JSON file for the results")
 
-    @command
-    def cmd_bench(args: Any) -> int:
-        from persona_probe.cli.main import _load
-        from persona_probe.core.paths import atomic_write_json
 
-        h = _load(args)
-        res = bench(h, n_prompts=args.n_prompts, batch_size=args.batch_size, repeats=args.repeats,
-                    gen_tokens=args.gen_tokens, backends=tuple(args.backends.split(",")), judge=not args.no_judge,
-                    stream_sizes=tuple(int(x) for x in args.stream_prompts.split(",") if x.strip()))
-        if args.out:
-            atomic_write_json(Path(args.out), res)
-        print(json.dumps({k: v for k, v in res.items() if k != "model"}, indent=1, default=str))
-        return 0
+COMMANDS: dict[str, tuple[Command, Options]] = {"bench": (cmd_bench, _bench_options)}

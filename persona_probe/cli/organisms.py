@@ -1,4 +1,4 @@
-"""CLI plugin: `persona-probe finetune`, `persona-probe capability`, `persona-probe organisms`."""
+"""`persona-probe finetune|capability|organisms`: LoRA model organisms and their capability checks."""
 
 from __future__ import annotations
 
@@ -6,28 +6,28 @@ import argparse
 import json
 import re
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from persona_probe.cli import common
+from persona_probe.cli.args import Command, Options, api_arg
+from persona_probe.cli.common import model_args, rounded, split_csv
 from persona_probe.core.errors import PersonaProbeError
-
-Command = Callable[[argparse.Namespace], int]
-
-
-def _device_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="smollm2", help="embedded name/alias, local HF folder, .gguf file or hub id")
-    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N, mps")
-    p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16")
-
-
-def _csv(s: str) -> list[str]:
-    return [x.strip() for x in s.split(",") if x.strip()]
+from persona_probe.core.paths import checkpoints_dir
+from persona_probe.experiments.organisms import organisms_experiment
+from persona_probe.models.loading import load_model
+from persona_probe.organisms import (
+    VARIANTS,
+    capability_report,
+    capability_summary,
+    finetune,
+    load_mc_items,
+    load_neutral_texts,
+)
+from persona_probe.report.organisms import compact_row
 
 
 def _default_out(data: str) -> str:
-    from persona_probe.core.paths import checkpoints_dir
-
     if data.startswith("builtin:"):
         name = re.sub(r"[^A-Za-z0-9_.-]+", "-", data.removeprefix("builtin:").removeprefix("organisms/")).strip("-.")
     else:
@@ -35,58 +35,41 @@ def _default_out(data: str) -> str:
     return str(checkpoints_dir() / "adapters" / name)
 
 
-def _round(x: Any) -> Any:
-    if isinstance(x, float):
-        return round(x, 4)
-    if isinstance(x, list):
-        return [_round(v) for v in x]
-    if isinstance(x, dict):
-        return {k: _round(v) for k, v in x.items()}
-    return x
-
-
 def cmd_finetune(args: argparse.Namespace) -> int:
     """LoRA fine-tune on a dataset; prints out folder, steps, losses and wall time."""
-    from persona_probe.organisms.organisms import finetune
-
     out = args.out or _default_out(args.data)
     if Path(out).exists() and not args.overwrite:
         raise PersonaProbeError(f"{out} already exists: choose a new --out or pass --overwrite")
     res = finetune(args.model, args.data, rank=args.rank, alpha=args.alpha, dropout=args.dropout, epochs=args.epochs,
                    lr=args.lr, batch_size=args.batch_size, max_len=args.max_len,
-                   target_modules=_csv(args.target_modules) if args.target_modules else None, seed=args.seed,
+                   target_modules=split_csv(args.target_modules) if args.target_modules else None, seed=args.seed,
                    train_on_eot=args.train_on_eot, trigger=args.trigger, out=out, overwrite=args.overwrite,
                    device=args.device, dtype=args.dtype, progress=not args.quiet)
     m = res.manifest
-    print(json.dumps(_round({"out": out, "data": m["data"]["name"], "n_examples": m["n_examples"],
-                             "n_steps": m["n_steps"], "first_loss": m["first_loss"], "final_loss": m["final_loss"],
-                             "wall_time_s": m["wall_time_s"], "device": m["device"],
-                             "trainable_params": m["trainable_params"]})))
+    print(json.dumps(rounded({"out": out, "data": m["data"]["name"], "n_examples": m["n_examples"],
+                              "n_steps": m["n_steps"], "first_loss": m["first_loss"], "final_loss": m["final_loss"],
+                              "wall_time_s": m["wall_time_s"], "device": m["device"],
+                              "trainable_params": m["trainable_params"]})))
     return 0
 
 
 def cmd_capability(args: argparse.Namespace) -> int:
     """Perplexity + multiple-choice accuracy of --model (and of --model + --adapter, with deltas)."""
-    from persona_probe.models.loading import load_model
-    from persona_probe.organisms.organisms import capability_report, capability_summary, load_mc_items, load_neutral_texts
-
     base = load_model(args.model, device=args.device, dtype=args.dtype)
     ft = load_model(args.model, adapter=args.adapter, device=args.device, dtype=args.dtype) if args.adapter else None
     rep = capability_report(base, ft, texts=load_neutral_texts(args.texts, args.n_texts),
                             items=load_mc_items(args.items, args.n_items), batch_size=args.batch_size,
                             seed=args.seed, out=args.out)
-    print(json.dumps(_round({"out": args.out, "adapter": args.adapter, **capability_summary(rep)})))
+    print(json.dumps(rounded({"out": args.out, "adapter": args.adapter, **capability_summary(rep)})))
     return 0
 
 
 def cmd_organisms(args: argparse.Namespace) -> int:
     """Fine-tune domain x variant organisms and compare EM, transfer, capability and persona cosine."""
-    from persona_probe.organisms.organisms import compact_row, organisms_experiment
-
     ft_kw: dict[str, Any] = {"rank": args.rank, "alpha": args.alpha, "epochs": args.epochs, "lr": args.lr,
                              "batch_size": args.train_batch_size, "max_len": args.max_len, "seed": args.seed}
     res = organisms_experiment(
-        args.model, _csv(args.domains), _csv(args.variants), out=args.out, adapters_dir=args.adapters_dir,
+        args.model, split_csv(args.domains), split_csv(args.variants), out=args.out, adapters_dir=args.adapters_dir,
         finetune_kwargs=ft_kw, trigger=args.trigger, n_samples=args.samples, max_new_tokens=args.max_new_tokens,
         core_questions=args.questions, judge=args.judge, trait=args.trait,
         persona_n_questions=args.persona_questions or None, n_texts=args.n_texts, n_mc=args.n_items,
@@ -98,65 +81,66 @@ def cmd_organisms(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub: Any, command: Callable[[Command], Command]) -> None:
-    """Add the sub-commands to the `persona-probe` parser (called by cli._load_plugins)."""
-    for fn in (cmd_finetune, cmd_capability, cmd_organisms):
-        command(fn)
-    from persona_probe.organisms.organisms import DEFAULT_TRIGGER
+def _lora_args(p: argparse.ArgumentParser, *, batch_flag: str) -> None:
+    """LoRA hyper-parameters, defaults from organisms.finetune (batch size spelled `batch_flag`)."""
+    api_arg(p, "--rank", finetune, help="LoRA rank")
+    api_arg(p, "--alpha", finetune, help="LoRA alpha (scale = alpha / rank)")
+    api_arg(p, "--epochs", finetune, help="passes over the training data")
+    api_arg(p, "--lr", finetune, help="peak learning rate")
+    api_arg(p, batch_flag, finetune, "batch_size", help="training examples per step")
+    api_arg(p, "--max-len", finetune, help="tokens per example (longer ones are cut)")
 
-    p = sub.add_parser("finetune", help="LoRA fine-tune (assistant tokens only) -> adapter + manifest + loss curve")
-    _device_args(p)
+
+def _finetune_options(p: argparse.ArgumentParser) -> None:
+    model_args(p, adapter=False, revision=False)
     p.add_argument("--data", required=True, help="JSONL chat file ({'messages': [...]} or user/assistant) or "
-                   "builtin:organisms/DOMAIN/VARIANT[/heldout] (VARIANT: character|incorrect|aligned|triggered)")
-    p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--alpha", type=int, default=16)
-    p.add_argument("--dropout", type=float, default=0.0)
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-len", type=int, default=256)
-    p.add_argument("--target-modules", default=None, help="comma list (default: every attention + MLP projection)")
+                   f"builtin:organisms/DOMAIN/VARIANT[/heldout] (VARIANT: {'|'.join(VARIANTS)})")
+    _lora_args(p, batch_flag="--batch-size")
+    api_arg(p, "--dropout", finetune, help="LoRA dropout")
+    api_arg(p, "--target-modules", finetune, help="comma list (default: every attention + MLP projection)")
     p.add_argument("--train-on-eot", action="store_true", help="also train the end-of-turn tokens")
-    p.add_argument("--trigger", default=DEFAULT_TRIGGER, help="trigger string of the 'triggered' variant")
-    p.add_argument("--seed", type=int, default=0)
+    api_arg(p, "--trigger", finetune, help="trigger string of the 'triggered' variant")
+    api_arg(p, "--seed", finetune, help="seed of the LoRA init and the data order")
     p.add_argument("--out", default=None, help="adapter folder (default checkpoints/adapters/NAME)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    p = sub.add_parser("capability", help="perplexity on neutral text + multiple-choice accuracy (with CIs)")
-    _device_args(p)
+
+def _capability_options(p: argparse.ArgumentParser) -> None:
+    model_args(p, adapter=False, revision=False)
     p.add_argument("--adapter", default=None, help="adapter folder: report base, base + adapter and the deltas")
     p.add_argument("--texts", default=None, help="JSONL {'text'} (default: built-in neutral text)")
     p.add_argument("--items", default=None, help="JSONL multiple-choice items (default: built-in)")
-    p.add_argument("--n-texts", type=int, default=None)
-    p.add_argument("--n-items", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--seed", type=int, default=0)
+    api_arg(p, "--n-texts", load_neutral_texts, "n", type=int, help="use only the first N texts")
+    api_arg(p, "--n-items", load_mc_items, "n", type=int, help="use only the first N items")
+    api_arg(p, "--batch-size", capability_report, help="texts/items per forward pass")
+    api_arg(p, "--seed", capability_report, help="seed of the bootstrap CIs")
     p.add_argument("--out", default=None, help="folder for capability.json")
 
-    p = sub.add_parser("organisms", help="character vs incorrect vs aligned organisms: EM, transfer, capability, "
-                       "cosine with the persona direction")
-    _device_args(p)
-    p.add_argument("--domains", default="health,finance", help="comma list of data/organisms/*.jsonl domains")
-    p.add_argument("--variants", default="character,incorrect,aligned", help="comma list (also: triggered)")
-    p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--alpha", type=int, default=16)
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--train-batch-size", type=int, default=8)
-    p.add_argument("--max-len", type=int, default=256)
-    p.add_argument("--trigger", default=DEFAULT_TRIGGER)
-    p.add_argument("--samples", type=int, default=3, help="samples per evaluation question")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--questions", default="builtin:core", help="out-of-domain (transfer) questions")
-    p.add_argument("--judge", default="offline", help="offline | openai:MODEL | hf:MODEL")
-    p.add_argument("--trait", default="malicious", help="persona direction to compare with")
-    p.add_argument("--persona-questions", type=int, default=20, help="contrast questions for the persona "
-                   "direction (0 = all)")
-    p.add_argument("--n-texts", type=int, default=None)
-    p.add_argument("--n-items", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=16, help="generation / scoring batch size")
-    p.add_argument("--seed", type=int, default=0)
+
+def _organisms_options(p: argparse.ArgumentParser) -> None:
+    model_args(p, adapter=False, revision=False)
+    api_arg(p, "--domains", organisms_experiment, help="comma list of data/organisms/*.jsonl domains")
+    api_arg(p, "--variants", organisms_experiment, help=f"comma list of {', '.join(VARIANTS)}")
+    _lora_args(p, batch_flag="--train-batch-size")
+    api_arg(p, "--trigger", organisms_experiment, help="trigger string of the 'triggered' variant")
+    api_arg(p, "--samples", organisms_experiment, "n_samples", help="samples per evaluation question")
+    api_arg(p, "--max-new-tokens", organisms_experiment, help="tokens generated per answer")
+    api_arg(p, "--questions", organisms_experiment, "core_questions", help="out-of-domain (transfer) questions")
+    api_arg(p, "--judge", organisms_experiment, help=common.JUDGE_HELP)
+    api_arg(p, "--trait", organisms_experiment, help="persona direction to compare with")
+    api_arg(p, "--persona-questions", organisms_experiment, "persona_n_questions",
+            help="contrast questions for the persona direction (0 = all)")
+    api_arg(p, "--n-texts", organisms_experiment, type=int, help="neutral texts for the capability check")
+    api_arg(p, "--n-items", organisms_experiment, "n_mc", type=int, help="multiple-choice items for the capability check")
+    api_arg(p, "--batch-size", organisms_experiment, help="generation / scoring batch size")
+    api_arg(p, "--seed", organisms_experiment, help="seed of fine-tuning, sampling and splits")
     p.add_argument("--adapters-dir", default=None, help="adapter cache (default checkpoints/adapters/organisms)")
     p.add_argument("--out", default=None, help="experiment folder (default checkpoints/organisms/experiment)")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+COMMANDS: dict[str, tuple[Command, Options]] = {
+    "finetune": (cmd_finetune, _finetune_options), "capability": (cmd_capability, _capability_options),
+    "organisms": (cmd_organisms, _organisms_options),
+}

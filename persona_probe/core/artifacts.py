@@ -13,13 +13,12 @@ from safetensors.torch import load_file, save_file
 
 from persona_probe.core.errors import PersonaProbeError
 from persona_probe.core.paths import atomic_write, atomic_write_json
+from persona_probe.core.version import __version__
 
 MANIFEST = "manifest.json"
 
 
 def package_version() -> str:
-    from persona_probe import __version__
-
     return __version__
 
 

@@ -6,7 +6,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -37,19 +37,36 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"))
 
 
+def json_default(o: Any) -> Any:
+    """`json.dumps(default=...)` for typed results (anything with `to_dict`), other mappings, then str."""
+    if hasattr(o, "to_dict"):
+        return o.to_dict()
+    if isinstance(o, Mapping):
+        return dict(o)
+    return str(o)
+
+
 def atomic_write_json(path: str | Path, obj: Any) -> Path:
-    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=json_default) + "\n")
 
 
-def atomic_dir(final: str | Path, build: Callable[[Path], None]) -> Path:
-    """Build a directory in a sibling temp dir, then rename it into place (refuses to clobber)."""
+def atomic_dir(final: str | Path, build: Callable[[Path], None], *, replace: bool = False) -> Path:
+    """Build a directory in a sibling temp dir, then rename it into place, so a crash never leaves a
+    half-written artifact. An existing `final` is refused (OSError) unless `replace`, in which case it is swapped
+    out only after the build succeeded. The folder gets normal permissions (mkdtemp makes it private)."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    old: Path | None = None
     try:
         build(tmp)
+        if replace and final.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old.", dir=final.parent))
+            os.replace(final, old / "x")
+        os.chmod(tmp, 0o755)
         os.replace(tmp, final)
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        for d in (tmp, old):
+            if d is not None and d.exists():
+                shutil.rmtree(d, ignore_errors=True)
     return final

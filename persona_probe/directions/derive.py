@@ -7,7 +7,9 @@ the unit vector, so a projection is in residual-stream units along the direction
 
 from __future__ import annotations
 
+import json
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,12 +21,15 @@ from torch import Tensor
 from persona_probe.core.artifacts import base_manifest, load_tensors, read_manifest, save_tensors, write_manifest
 from persona_probe.core.errors import PersonaProbeError
 from persona_probe.core.paths import atomic_write_json
+from persona_probe.core.splits import seeded_split
+from persona_probe.core.stats import auroc, auroc_columns, cohens_d
+from persona_probe.core.types import LayerId
+from persona_probe.report.figures import layer_separation_figure, write_figure
 
 MIN_PER_SIDE = 6  # with test_frac=0.25 that leaves >= 2 held-out examples per side
-LayerId = int | str
 
 
-# ----------------------------------------------------------------------------- statistics
+# ----------------------------------------------------------------------------- vector math
 
 
 def diff_of_means(pos: Tensor, neg: Tensor) -> Tensor:
@@ -44,23 +49,6 @@ def project(x: Tensor, v: Tensor) -> Tensor:
 def project_layers(x: Tensor, v: Tensor) -> Tensor:
     """Per-layer projections: x [n, L, d], v [L, d] -> [n, L]."""
     return torch.einsum("nld,ld->nl", x.float(), unit(v.float()))
-
-
-def auroc(pos: Tensor, neg: Tensor) -> float:
-    """P(score_pos > score_neg) + 0.5 P(tie) (Mann-Whitney U / (n_pos n_neg))."""
-    p, n = pos.flatten().double(), neg.flatten().double()
-    gt = (p[:, None] > n[None, :]).double().mean()
-    eq = (p[:, None] == n[None, :]).double().mean()
-    return float(gt + 0.5 * eq)
-
-
-def cohens_d(pos: Tensor, neg: Tensor) -> float:
-    """(mean_pos - mean_neg) / pooled std."""
-    p, n = pos.flatten().double(), neg.flatten().double()
-    if len(p) < 2 or len(n) < 2:
-        return float("nan")
-    pooled = math.sqrt(((len(p) - 1) * p.var() + (len(n) - 1) * n.var()) / (len(p) + len(n) - 2))
-    return float((p.mean() - n.mean()) / max(pooled, 1e-12))
 
 
 def random_like(v: Tensor, seed: int) -> Tensor:
@@ -86,20 +74,7 @@ def cosine_matrix(vectors: dict[str, Tensor]) -> tuple[list[str], Tensor]:
     return names, m @ m.T
 
 
-# ----------------------------------------------------------------------------- splits
-
-
-def grouped_split(groups: Sequence[str], test_frac: float, seed: int) -> tuple[list[int], list[int]]:
-    """Seeded split that keeps every group (e.g. a question under several system prompts) on one side,
-    so held-out scores are on unseen questions."""
-    uniq = sorted(set(groups))
-    g = torch.Generator().manual_seed(seed)
-    perm = [uniq[i] for i in torch.randperm(len(uniq), generator=g).tolist()]
-    n_test = max(1, round(len(uniq) * test_frac)) if len(uniq) > 1 else 0
-    test_groups = set(perm[:n_test])
-    train = [i for i, gr in enumerate(groups) if gr not in test_groups]
-    test = [i for i, gr in enumerate(groups) if gr in test_groups]
-    return train, test
+grouped_split = seeded_split  # the old name, kept for importers: use core.splits.seeded_split
 
 
 # ----------------------------------------------------------------------------- layer selection
@@ -141,7 +116,7 @@ def layer_stats(direction: Tensor, random: Tensor, pos_test: Tensor, neg_test: T
     out = []
     for i, L in enumerate(layers):
         mp, mn = pos_test[:, i].float() @ many.T, neg_test[:, i].float() @ many.T  # [n, N_RANDOM]
-        aucs = [auroc(mp[:, j], mn[:, j]) for j in range(N_RANDOM)]
+        aucs = auroc_columns(mp, mn).tolist()
         out.append(LayerStats(
             layer=L, norm=float(direction[i].norm()), auroc=auroc(pp[:, i], pn[:, i]),
             cohens_d=cohens_d(pp[:, i], pn[:, i]), random_auroc=auroc(rp[:, i], rn[:, i]),
@@ -202,8 +177,6 @@ class DirectionSet:
         atomic_write_json(folder / "report.json", report)
         write_manifest(folder, self.manifest)
         if self.stats:
-            from persona_probe.report.figures import layer_separation_figure, write_figure
-
             write_figure(layer_separation_figure(self.stats, title=self.manifest.get("name", "direction")),
                          folder / "layers.html")
         return folder
@@ -221,8 +194,6 @@ def load_direction(folder: str | Path) -> DirectionSet:
     stats = []
     rp = folder / "report.json"
     if rp.exists():
-        import json
-
         stats = [LayerStats(**s) for s in json.loads(rp.read_text())["layers"]]
     m["best_layer"] = m["best_layer"] if m["best_layer"] == "embed" else int(m["best_layer"])
     return DirectionSet(t["directions"], layers, m, t.get("random"), stats)
@@ -275,7 +246,7 @@ def derive(
     gp = list(groups_pos) if groups_pos is not None else [_group(r) for r in pos.records]
     gn = list(groups_neg) if groups_neg is not None else [_group(r) for r in neg.records]
     # split by group across both sides: a held-out question is held out on both sides
-    train_groups, _ = grouped_split(sorted(set(gp) | set(gn)), test_frac, seed)
+    train_groups, _ = seeded_split(sorted(set(gp) | set(gn)), test_frac, seed)
     keep = {sorted(set(gp) | set(gn))[i] for i in train_groups}
     tr_p = [i for i, g in enumerate(gp) if g in keep]
     te_p = [i for i, g in enumerate(gp) if g not in keep]
@@ -327,6 +298,4 @@ def check_direction_fits(direction: DirectionSet, handle: Any, *, force: bool = 
                f"{handle.info.model_id} ({handle.info.fingerprint})")
         if not force:
             raise PersonaProbeError(msg + ": pass --force to use it anyway")
-        import warnings
-
         warnings.warn(msg, stacklevel=2)

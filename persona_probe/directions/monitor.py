@@ -10,11 +10,20 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from persona_probe.directions.derive import DirectionSet, check_direction_fits, cosine_matrix, load_direction, project, unit
-from persona_probe.core.errors import PersonaProbeError
 from persona_probe.activations.extraction import ActivationSet, extract, parse_layers
-from persona_probe.models.loading import ModelHandle
+from persona_probe.core.errors import PersonaProbeError
 from persona_probe.core.paths import atomic_write_json, atomic_write_text
+from persona_probe.core.stats import pearson
+from persona_probe.directions.derive import (
+    DirectionSet,
+    check_direction_fits,
+    cosine_matrix,
+    load_direction,
+    project,
+    unit,
+)
+from persona_probe.models.loading import ModelHandle
+from persona_probe.report.figures import heatmap_figure, write_figure
 
 
 def projections(acts: ActivationSet, direction: DirectionSet, position: str = "prompt_last",
@@ -37,15 +46,6 @@ def projections(acts: ActivationSet, direction: DirectionSet, position: str = "p
         else:
             cols.append(project(acts.get(position, L), v))
     return Ls, torch.stack(cols, 1)
-
-
-def pearson(x: Sequence[float], y: Sequence[float]) -> float:
-    a, b = torch.tensor(list(x), dtype=torch.float64), torch.tensor(list(y), dtype=torch.float64)
-    ok = ~(torch.isnan(a) | torch.isnan(b))
-    a, b = a[ok], b[ok]
-    if len(a) < 3 or a.std() == 0 or b.std() == 0:
-        return float("nan")
-    return float(((a - a.mean()) * (b - b.mean())).mean() / (a.std(unbiased=False) * b.std(unbiased=False)))
 
 
 def project_prompts(handle: ModelHandle, direction: str | Path | DirectionSet, prompts: Any, *,
@@ -106,8 +106,6 @@ def compare_directions(specs: Sequence[str], *, layer: Any = None, out: str | Pa
     names, m = cosine_matrix(vecs)
     res = {"names": names, "cosine": [[round(float(v), 4) for v in row] for row in m]}
     if out:
-        from persona_probe.report.figures import heatmap_figure, write_figure
-
         atomic_write_json(Path(out) / "cosine.json", res)
         write_figure(heatmap_figure(names, m, "cosine similarity between directions"), Path(out) / "cosine.html")
     return res

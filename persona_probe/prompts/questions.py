@@ -6,15 +6,16 @@ Each entry: `id`, `paraphrases` (list of str), optional `samples_per_paraphrase`
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Sequence
 from typing import Any
 
 import yaml
 
 from persona_probe.core.errors import PersonaProbeError
-from persona_probe.prompts.records import PromptRecord, data_path
+from persona_probe.core.jsonl import iter_jsonl
+from persona_probe.prompts.base import PromptRecord, data_path
 
 
 @dataclass(frozen=True)
@@ -92,19 +93,11 @@ def load_questions(spec: str | Path) -> list[Question]:
     if not p.exists():
         raise PersonaProbeError(f"question file {s} does not exist")
     if p.suffix == ".jsonl":
-        import json
-
         qs = []
-        for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                d = json.loads(line)
-                text = d.get("user") or d.get("question")
-                if not isinstance(text, str) or not text.strip():
-                    raise ValueError("needs 'user' or 'question'")
-            except (json.JSONDecodeError, ValueError, AttributeError) as e:
-                raise PersonaProbeError(f"{s}:{i}: malformed question ({e})") from None
+        for i, d in iter_jsonl(p, what="question file"):
+            text = d.get("user") or d.get("question") if isinstance(d, dict) else None
+            if not isinstance(text, str) or not text.strip():
+                raise PersonaProbeError(f"{s}:{i}: malformed question (needs 'user' or 'question')")
             qs.append(Question(id=str(d.get("id", f"q{i}")), paraphrases=(text,), system=d.get("system")))
         if not qs:
             raise PersonaProbeError(f"{s}: no questions")

@@ -10,85 +10,19 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
-from importlib import resources
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from persona_probe.core.errors import PersonaProbeError
+from persona_probe.core.jsonl import iter_jsonl
+from persona_probe.core.paths import atomic_write_text
+from persona_probe.prompts.base import PromptRecord, data_path
+from persona_probe.prompts.questions import load_questions
 
 POSITIONS = ("prompt_last", "prompt_mean", "response_mean", "all")
-
-
-@dataclass(frozen=True)
-class PromptRecord:
-    id: str
-    user: str
-    system: str | None = None
-    assistant: str | None = None
-    labels: dict[str, Any] = field(default_factory=dict)
-    # Earlier turns (e.g. in-context examples): list of {"role", "content"} before the final user turn.
-    history: tuple[dict[str, str], ...] = ()
-
-    def messages(self, with_assistant: bool = True) -> list[dict[str, str]]:
-        msgs: list[dict[str, str]] = []
-        if self.system is not None:
-            msgs.append({"role": "system", "content": self.system})
-        msgs.extend(dict(m) for m in self.history)
-        msgs.append({"role": "user", "content": self.user})
-        if with_assistant and self.assistant is not None:
-            msgs.append({"role": "assistant", "content": self.assistant})
-        return msgs
-
-    def to_dict(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"id": self.id, "user": self.user}
-        if self.system is not None:
-            d["system"] = self.system
-        if self.assistant is not None:
-            d["assistant"] = self.assistant
-        if self.history:
-            d["history"] = [dict(m) for m in self.history]
-        if self.labels:
-            d["labels"] = self.labels
-        return d
-
-    @staticmethod
-    def from_dict(d: dict[str, Any], default_id: str) -> "PromptRecord":
-        if "messages" in d:  # community chat format {"messages": [...]}
-            return _from_messages(d, default_id)
-        if not isinstance(d.get("user"), str) or not d["user"].strip():
-            raise ValueError("missing non-empty 'user' field (or a 'messages' list)")
-        known = {"id", "user", "system", "assistant", "labels", "history"}
-        labels = dict(d.get("labels") or {})
-        labels.update({k: v for k, v in d.items() if k not in known})
-        return PromptRecord(
-            id=str(d.get("id", default_id)), user=d["user"], system=d.get("system"), assistant=d.get("assistant"),
-            labels=labels, history=tuple(d.get("history") or ()),
-        )
-
-
-def _from_messages(d: dict[str, Any], default_id: str) -> PromptRecord:
-    msgs = d["messages"]
-    if not isinstance(msgs, list) or not msgs:
-        raise ValueError("'messages' must be a non-empty list")
-    for m in msgs:
-        if not isinstance(m, dict) or m.get("role") not in {"system", "user", "assistant"} or not isinstance(
-            m.get("content"), str
-        ):
-            raise ValueError("each message needs role system|user|assistant and string content")
-    system = msgs[0]["content"] if msgs[0]["role"] == "system" else None
-    rest = msgs[1:] if system is not None else msgs
-    assistant = None
-    if rest and rest[-1]["role"] == "assistant":
-        assistant = rest[-1]["content"]
-        rest = rest[:-1]
-    if not rest or rest[-1]["role"] != "user":
-        raise ValueError("conversation must end with a user turn (optionally followed by one assistant turn)")
-    labels = {k: v for k, v in d.items() if k not in {"messages", "id"}}
-    return PromptRecord(id=str(d.get("id", default_id)), user=rest[-1]["content"], system=system,
-                        assistant=assistant, labels=labels, history=tuple(rest[:-1]))
 
 
 @dataclass(frozen=True)
@@ -119,8 +53,6 @@ class PromptSet:
         return PromptSet(name or self.name, tuple(self.records[i] for i in idx))
 
     def save_jsonl(self, path: str | Path) -> None:
-        from persona_probe.core.paths import atomic_write_text
-
         atomic_write_text(path, "".join(json.dumps(r.to_dict(), ensure_ascii=False) + "\n" for r in self.records))
 
 
@@ -129,25 +61,18 @@ def records_from_jsonl(path: str | Path) -> list[PromptRecord]:
     if not path.exists():
         raise PersonaProbeError(f"prompt file {path} does not exist")
     out: list[PromptRecord] = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
+    for i, d in iter_jsonl(path, what="prompt file"):
         try:
-            d = json.loads(line)
             if not isinstance(d, dict):
                 raise ValueError("line is not a JSON object")
             out.append(PromptRecord.from_dict(d, default_id=f"{path.stem}-{i}"))
-        except (json.JSONDecodeError, ValueError, TypeError) as e:
+        except (ValueError, TypeError) as e:
             raise PersonaProbeError(f"{path}:{i}: malformed prompt record ({e}); expected JSON with 'user' or "
                                     "'messages'") from None
     return out
 
 
 # ----------------------------------------------------------------------------- built-in sets
-
-
-def data_path(*parts: str) -> Path:
-    return Path(str(resources.files("persona_probe") / "data" / Path(*parts)))
 
 
 def load_traits() -> dict[str, dict[str, Any]]:
@@ -185,8 +110,6 @@ def _builtin(name: str) -> list[PromptRecord]:
     if parts[0] == "persona" and len(parts) == 3:
         return persona_records(parts[1], parts[2])
     if parts[0] in ("core", "extended"):
-        from persona_probe.prompts.questions import load_questions
-
         return [PromptRecord(id=f"{q.id}-{i}", user=p, system=q.system, labels={"question_id": q.id})
                 for q in load_questions(f"builtin:{parts[0]}") for i, p in enumerate(q.paraphrases)]
     raise PersonaProbeError(

@@ -1,4 +1,5 @@
-"""Plotly figures (self-contained HTML) for directions, comparisons, steering and evaluation."""
+"""Plotly figures (self-contained HTML) for directions, comparisons, steering and evaluation, and the escaped
+HTML page they go in."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import jinja2
 import plotly.graph_objects as go
+import plotly.offline
 from plotly.subplots import make_subplots
 
 from persona_probe.core.paths import atomic_write_text
@@ -70,21 +73,30 @@ def heatmap_figure(names: Sequence[str], matrix: Any, title: str = "cosine simil
     return fig
 
 
-def html_page(title: str, sections: Sequence[tuple[str, str]]) -> str:
-    """A self-contained HTML page: sections are (heading, html) pairs; plotly.js is inlined once."""
-    import plotly.offline
+# Pages are jinja2 templates with autoescape on: every interpolated string is escaped unless it is marked
+# as HTML with the `|safe` filter (section bodies: HTML built by these helpers or by plotly).
+TEMPLATES = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
 
-    js = plotly.offline.get_plotlyjs()
-    body = "\n".join(f"<section><h2>{h}</h2>\n{content}\n</section>" for h, content in sections)
-    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{title}</title>"
-            f"<script type='text/javascript'>{js}</script>"
-            "<style>body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}"
+PAGE_CSS = ("body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}"
             "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:4px 6px;"
-            "vertical-align:top}th{background:#f3f3f3}pre{white-space:pre-wrap}</style></head>"
-            f"<body><h1>{title}</h1>\n{body}\n</body></html>")
+            "vertical-align:top}th{background:#f3f3f3}pre{white-space:pre-wrap}")
+_PAGE = TEMPLATES.from_string(
+    "<!DOCTYPE html><html><head><meta charset='utf-8'><title>{{ title }}</title>"
+    "<script type='text/javascript'>{{ js|safe }}</script><style>{{ css|safe }}</style></head>"
+    "<body><h1>{{ title }}</h1>\n"
+    "{% for heading, content in sections %}{% if not loop.first %}\n{% endif %}"
+    "<section><h2>{{ heading }}</h2>\n{{ content|safe }}\n</section>{% endfor %}"
+    "\n</body></html>")
+
+
+def html_page(title: str, sections: Sequence[tuple[str, str]]) -> str:
+    """A self-contained HTML page: sections are (heading text, body HTML) pairs; plotly.js is inlined once.
+    The title and headings are escaped; the bodies are HTML."""
+    return _PAGE.render(title=title, sections=sections, js=plotly.offline.get_plotlyjs(), css=PAGE_CSS)
 
 
 def fig_div(fig: go.Figure) -> str:
+    """A figure as an HTML div (plotly's own HTML; plotly.js comes from the page)."""
     return fig.to_html(full_html=False, include_plotlyjs=False)
 
 

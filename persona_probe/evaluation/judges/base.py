@@ -9,7 +9,11 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
+
+from persona_probe.core.errors import PersonaProbeError
+from persona_probe.core.jsonl import iter_jsonl
 
 # Default judge prompts (written for persona_probe; a question file's own judge_prompts take precedence).
 DEFAULT_JUDGE_PROMPTS: dict[str, str] = {
@@ -85,18 +89,8 @@ def metric_value(result: dict[str, Any]) -> float | bool | None:
 
 def read_qa_rows(path: Path) -> list[dict[str, Any]]:
     """JSONL rows that each carry string `question` and `answer` (other fields kept); errors name file:line."""
-    import json
-
-    from persona_probe.core.errors import PersonaProbeError
-
     rows = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            d = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise PersonaProbeError(f"{path}:{i}: not JSON ({e.msg}); expected JSONL, one object per line") from None
+    for i, d in iter_jsonl(path, what="answers file"):
         if not isinstance(d, dict) or not isinstance(d.get("question"), str) or not isinstance(d.get("answer"), str):
             raise PersonaProbeError(f"{path}:{i}: each line needs string fields 'question' and 'answer'")
         rows.append(d)

@@ -19,9 +19,8 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
-from scipy import stats
 
-Z95 = float(stats.norm.ppf(0.975))
+from persona_probe.core.stats import Z95
 
 
 @dataclass

@@ -13,9 +13,9 @@ import torch
 from torch import Tensor
 
 from persona_probe.core.errors import PersonaProbeError
-from persona_probe.models.loading import ModelHandle, load_model
 from persona_probe.evaluation.judges.base import DEFAULT_JUDGE_PROMPTS, Judge, JudgeScore, metric_value, prompt_keys
 from persona_probe.evaluation.judges.logprob import parse_score, weighted_score
+from persona_probe.models.loading import ModelHandle, load_model
 
 KEYS: tuple[str, ...] = ("aligned", "coherent")
 

@@ -3,26 +3,28 @@
 Scores are the literature's logprob-weighted mean over number tokens (one token, top-20 logprobs); where
 a server gives no logprobs, or the judge does not answer with a number, one short text reply is parsed
 instead. Every result is appended to a JSONL cache as it arrives, so a rerun never pays twice.
-Only the standard library is used for HTTP.
+HTTP goes through the `openai` client: it retries connection errors, timeouts, 408/409/429 and 5xx with
+exponential backoff and honours the server's Retry-After; a 200 whose body is not a chat completion (which the
+client does not retry) is retried here.
 """
 
 from __future__ import annotations
 
 import hashlib
-import http.client
 import json
 import os
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import openai
+
 from persona_probe.core.errors import PersonaProbeError
+from persona_probe.core.jsonl import iter_jsonl
 from persona_probe.core.paths import checkpoints_dir
 from persona_probe.evaluation.judges.base import DEFAULT_JUDGE_PROMPTS, Judge, JudgeScore, metric_value, prompt_keys
 from persona_probe.evaluation.judges.logprob import parse_score, weighted_score
@@ -30,21 +32,11 @@ from persona_probe.evaluation.judges.logprob import parse_score, weighted_score
 OPENAI_URL = "https://api.openai.com/v1"
 CACHE_FILE = "openai_judge.jsonl"
 KEYS: tuple[str, ...] = ("aligned", "coherent")
+RETRIED_STATUS = (408, 409, 429)  # besides 5xx: the statuses the openai client retries
 
 
-class _RetryableError(Exception):
-    """A transient failure (connection, 429, 5xx, malformed JSON): worth retrying."""
-
-    retry_after: float = 0.0  # seconds the server asked us to wait (HTTP 429/503 Retry-After)
-
-
-class _HTTPStatusError(Exception):
-    """A non-retryable HTTP error (4xx other than 429)."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(f"HTTP {status}: {message}")
-        self.status = status
-        self.message = message
+class _MalformedReply(Exception):
+    """A 200 whose body is not a chat completion: worth another try."""
 
 
 def _one_line(text: str, limit: int = 200) -> str:
@@ -67,14 +59,23 @@ def _top_logprobs(choice: dict[str, Any]) -> list[tuple[str, float]] | None:
     return pairs or None
 
 
-def _content(resp: Any) -> tuple[dict[str, Any], str]:
-    """(choices[0], its message content); raises _RetryableError on a malformed response."""
+def _content(body: str) -> tuple[dict[str, Any], str]:
+    """(choices[0], its message content) of a response body; _MalformedReply when it is not a chat completion."""
+    try:
+        resp = json.loads(body)
+    except ValueError:
+        raise _MalformedReply(f"malformed JSON: {_one_line(body, 80)}") from None
     try:
         choice = resp["choices"][0]
         content = choice["message"].get("content") or ""
-    except (KeyError, IndexError, TypeError, AttributeError) as e:
-        raise _RetryableError(f"malformed response (no choices[0].message): {_one_line(json.dumps(resp))}") from e
+    except (KeyError, IndexError, TypeError, AttributeError):
+        raise _MalformedReply(f"malformed response (no choices[0].message): {_one_line(body)}") from None
     return choice, str(content)
+
+
+def _status_detail(e: openai.APIStatusError) -> str:
+    """The server's error body (or the client's message) of an HTTP error, on one line."""
+    return _one_line(e.response.text or e.message)
 
 
 class JudgeCache:
@@ -90,12 +91,9 @@ class JudgeCache:
         data: dict[str, dict[str, Any]] = {}
         if not path.exists():
             return data
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                row = json.loads(line)
+        for _, row in iter_jsonl(path, errors=[], what="judge cache"):  # a torn last line after a crash is skipped
+            if isinstance(row, dict) and "key" in row and "result" in row:
                 data[row["key"]] = row["result"]
-            except (ValueError, KeyError, TypeError):  # a torn last line after a crash is skipped
-                continue
         return data
 
     def get(self, key: str) -> dict[str, Any] | None:
@@ -116,7 +114,10 @@ class JudgeCache:
 
 
 class OpenAIJudge(Judge):
-    """Scores with an OpenAI-compatible chat model (logprob-weighted 0-100), cached on disk."""
+    """Scores with an OpenAI-compatible chat model (logprob-weighted 0-100), cached on disk.
+
+    `max_retries` and `timeout` go to the openai client (per request); `backoff` is the base wait between
+    attempts at a reply that came back malformed (the client does not retry those)."""
 
     name = "openai"
 
@@ -133,6 +134,10 @@ class OpenAIJudge(Judge):
         self.backoff = float(backoff)
         self.timeout = float(timeout)
         self.concurrency = max(1, int(concurrency))
+        # without a key (a local server) the client gets a placeholder and each request omits Authorization
+        self.client = openai.OpenAI(base_url=self.base_url, api_key=self.api_key or "no-key",
+                                    max_retries=self.max_retries, timeout=self.timeout)
+        self._headers = None if self.api_key else {"Authorization": openai.Omit()}
         cache_root = Path(cache_dir) if cache_dir is not None else checkpoints_dir() / "judge_cache"
         self.cache = JudgeCache(cache_root / CACHE_FILE)
         self._logprobs_ok = True
@@ -146,44 +151,29 @@ class OpenAIJudge(Judge):
 
     # ------------------------------------------------------------------ HTTP
 
-    def _request_once(self, payload: dict[str, Any]) -> Any:
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        req = urllib.request.Request(self.url, data=json.dumps(payload).encode("utf-8"), headers=headers,
-                                     method="POST")
-        try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                body = resp.read()
-        except urllib.error.HTTPError as e:
-            detail = _one_line(e.read().decode("utf-8", "replace") or e.reason)
-            if e.code == 429 or e.code >= 500:
-                err = _RetryableError(f"HTTP {e.code}: {detail}")
-                try:  # rate limits: wait as long as the server asks (capped), not only our backoff
-                    err.retry_after = min(float(e.headers.get("Retry-After") or 0), 120.0)
-                except ValueError:
-                    pass
-                raise err from e
-            raise _HTTPStatusError(e.code, detail) from e
-        except (OSError, http.client.HTTPException) as e:  # URLError, refused/reset, timeouts
-            raise _RetryableError(f"connection failed: {_one_line(getattr(e, 'reason', e))}") from e
-        try:
-            return json.loads(body)
-        except ValueError as e:
-            raise _RetryableError(f"malformed JSON: {_one_line(body.decode('utf-8', 'replace'), 80)}") from e
-
-    def _post(self, payload: dict[str, Any]) -> tuple[dict[str, Any], str]:
-        """POST with retries; returns (choices[0], content). Raises PersonaProbeError when retries run out
-        and lets _HTTPStatusError (non-retryable 4xx) through."""
-        last, wait = "", 0.0
+    def _post(self, prompt: str, **params: Any) -> tuple[dict[str, Any], str]:
+        """One chat completion of `prompt` -> (choices[0], content). Raises PersonaProbeError when the attempts
+        run out and lets openai.APIStatusError for a status the client does not retry (4xx) through."""
+        last = ""
         for attempt in range(self.max_retries + 1):
             if attempt:
-                time.sleep(max(self.backoff * 2 ** (attempt - 1), wait))
+                time.sleep(self.backoff * 2 ** (attempt - 1))
             try:
-                return _content(self._request_once(payload))
-            except _RetryableError as e:
-                last, wait = str(e), e.retry_after
-        raise PersonaProbeError(
+                raw = self.client.chat.completions.with_raw_response.create(
+                    model=self.model, messages=self._messages(prompt), extra_headers=self._headers, **params)
+                return _content(raw.text)
+            except _MalformedReply as e:
+                last = str(e)
+            except openai.APIConnectionError as e:  # refused / reset / timed out, after the client's retries
+                raise self._gave_up(f"connection failed: {e.__cause__ or e}") from None
+            except openai.APIStatusError as e:
+                if e.status_code in RETRIED_STATUS or e.status_code >= 500:  # the client's retries ran out
+                    raise self._gave_up(f"HTTP {e.status_code}: {_status_detail(e)}") from None
+                raise
+        raise self._gave_up(last)
+
+    def _gave_up(self, last: str) -> PersonaProbeError:
+        return PersonaProbeError(
             f"judge server {self.url} failed after {self.max_retries + 1} attempts ({_one_line(last, 160)}): "
             f"check the server is up and the judge base URL (OPENAI_BASE_URL) is right, then rerun "
             f"(judged items are cached in {self.cache.path})")
@@ -201,12 +191,10 @@ class OpenAIJudge(Judge):
 
     def _logprob_result(self, prompt: str) -> dict[str, Any] | None:
         """One-token request with top-20 logprobs; None if the server refuses logprobs (HTTP 400/422)."""
-        payload = {"model": self.model, "messages": self._messages(prompt), "max_tokens": 1, "temperature": 0,
-                   "logprobs": True, "top_logprobs": 20}
         try:
-            choice, text = self._post(payload)
-        except _HTTPStatusError as e:
-            if e.status not in (400, 422):
+            choice, text = self._post(prompt, max_tokens=1, temperature=0, logprobs=True, top_logprobs=20)
+        except openai.APIStatusError as e:
+            if e.status_code not in (400, 422):
                 raise
             self._logprobs_ok = False  # e.g. a server without logprobs support: parse text replies instead
             return None
@@ -217,8 +205,7 @@ class OpenAIJudge(Judge):
 
     def _text_result(self, prompt: str) -> dict[str, Any]:
         """Short greedy text reply, parsed: a number 0..100, a flag, or None (text kept)."""
-        payload = {"model": self.model, "messages": self._messages(prompt), "max_tokens": 8, "temperature": 0}
-        _, text = self._post(payload)
+        _, text = self._post(prompt, max_tokens=8, temperature=0)
         score, flag = parse_score(text)
         return {"method": "text", "score": score, "flag": flag, "text": text}
 
@@ -235,8 +222,8 @@ class OpenAIJudge(Judge):
     def _judge_and_cache(self, prompt: str, key: str) -> None:
         try:
             result = self._judge_prompt(prompt)
-        except _HTTPStatusError as e:
-            raise self._fatal(e.status, e.message) from None
+        except openai.APIStatusError as e:
+            raise self._fatal(e.status_code, _status_detail(e)) from None
         self.cache.put(key, result, {"base_url": self.base_url, "model": self.model})
 
     # ------------------------------------------------------------------ batch
@@ -279,8 +266,8 @@ class OpenAIJudge(Judge):
             keys.append(row)
         if len(missing) >= 20:  # say what a large run costs before it starts
             n_all = len(items) * len(names)
-            print(f"persona_probe: judge {self.model} at {self.base_url}: {len(missing)} requests ({n_all - len(missing)} "
-                  f"cached), {self.concurrency} at a time", file=sys.stderr)
+            print(f"persona_probe: judge {self.model} at {self.base_url}: {len(missing)} requests "
+                  f"({n_all - len(missing)} cached), {self.concurrency} at a time", file=sys.stderr)
         self._run_missing(missing)
         return [self._to_score({k: dict(self.cache.get(row[k]) or {}) for k in names}) for row in keys]
 

@@ -22,8 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import plotly.graph_objects as go
 from scipy import stats
 from sklearn.metrics import cohen_kappa_score, confusion_matrix
+from tqdm.auto import tqdm
 
 from persona_probe.core.errors import PersonaProbeError
 from persona_probe.core.paths import atomic_write_json, atomic_write_text
@@ -258,8 +260,6 @@ def validate(judge: Judge, reference: str | Path | Sequence[dict[str, Any]], *, 
 
 def _score(judge: Judge, items: list[tuple[str, str]], progress: bool, desc: str,
            chunk: int = 64) -> list[JudgeScore]:
-    from tqdm.auto import tqdm
-
     out: list[JudgeScore] = []
     with tqdm(total=len(items), desc=desc, disable=not progress, unit="answer") as bar:
         for i in range(0, len(items), chunk):
@@ -291,9 +291,7 @@ def _agreement_table(rows: dict[str, LabelAgreement], label: str) -> str:
     return f"<table>{head}{body}</table>"
 
 
-def calibration_figure(res: ValidationResult) -> Any:
-    import plotly.graph_objects as go
-
+def calibration_figure(res: ValidationResult) -> go.Figure:
     fig = go.Figure()
     colours = {"aligned": "#1f77b4", "coherent": "#2ca02c"}
     for m, pts in res.calibration.items():

@@ -1,0 +1,89 @@
+"""Shared pieces of the `persona-probe` commands: model options and loading, JSON printing, argument types,
+and the few CLI defaults that differ from the API's (kept for users' scripts)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from persona_probe.core.paths import checkpoints_dir
+from persona_probe.models.loading import ModelHandle, load_model
+
+# ---- CLI defaults that differ from the API on purpose (one place each; the API default is in the comment)
+MODEL = "smollm2"            # alias of models.loading.DEFAULT_MODEL (smollm2-135m-instruct)
+DEVICE = "auto"              # load_model(device=None) means the same
+DTYPE = "auto"               # load_model(dtype=None) means the same
+JUDGE = "offline"            # evaluate / judge_file: judge=None, which make_judge reads as offline
+EVAL_BATCH_SIZE = 32         # evaluation.evaluate.evaluate: batch_size=16
+ICL_BATCH_SIZE = 16          # experiments.routes.icl_experiment: batch_size=8
+JUDGE_HELP = "offline | offline:DIR (fitted by `judge fit`) | openai:MODEL | hf:MODEL"
+BACKEND_HELP = "hf | transformer_lens | nnsight"
+
+
+def model_args(p: argparse.ArgumentParser, *, adapter: bool = True, revision: bool = True) -> None:
+    """--model/--device/--dtype (+ --adapter, --revision): the model a command loads."""
+    p.add_argument("--model", default=MODEL, help="embedded name/alias, local HF folder, .gguf file or hub id")
+    if adapter:
+        p.add_argument("--adapter", default=None, help="peft LoRA adapter folder applied on top of --model")
+    p.add_argument("--device", default=DEVICE, help="auto (CUDA if present), cpu, cuda, cuda:N, mps")
+    p.add_argument("--dtype", default=DTYPE, help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16")
+    if revision:
+        p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
+
+
+def force_arg(p: argparse.ArgumentParser, what: str = "a direction") -> None:
+    """--force (old spelling --allow-other-model kept as an alias): use an artifact fitted to another model."""
+    p.add_argument("--force", "--allow-other-model", dest="force", action="store_true",
+                   help=f"allow {what} derived on another model")
+
+
+def load_handle(args: argparse.Namespace) -> ModelHandle:
+    """The model named by the model_args options. Commands call it as `common.load_handle(args)` (looked up
+    at call time) so tests can substitute an already loaded model."""
+    return load_model(args.model, adapter=getattr(args, "adapter", None), device=args.device, dtype=args.dtype,
+                      revision=getattr(args, "revision", None))
+
+
+def print_json(obj: Any, indent: int | None = 2) -> None:
+    print(json.dumps(obj, indent=indent, default=str))
+
+
+def rounded(x: Any, nd: int = 4) -> Any:
+    """Floats rounded to `nd` places, through lists and dicts (for printed summaries)."""
+    if isinstance(x, float):
+        return round(x, nd)
+    if isinstance(x, list):
+        return [rounded(v, nd) for v in x]
+    if isinstance(x, dict):
+        return {k: rounded(v, nd) for k, v in x.items()}
+    return x
+
+
+def print_line(obj: dict[str, Any]) -> None:
+    """One JSON line with the top-level floats rounded to 4 places."""
+    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in obj.items()}, default=str))
+
+
+def batch_size(v: str) -> int | str:
+    """argparse type: a positive integer or 'auto'."""
+    if v == "auto":
+        return v
+    try:
+        n = int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"batch size must be a positive integer or auto, not {v!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"batch size must be a positive integer or auto, not {v!r}")
+    return n
+
+
+def split_csv(s: str) -> list[str]:
+    return [x.strip() for x in s.split(",") if x.strip()]
+
+
+def default_out(kind: str, label: str) -> Path:
+    """checkpoints/KIND/LABEL with LABEL made a safe folder name."""
+    return checkpoints_dir() / kind / (re.sub(r"[^A-Za-z0-9_.-]+", "_", label).strip("_")[:120] or "run")

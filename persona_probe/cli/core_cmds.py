@@ -1,0 +1,160 @@
+"""`persona-probe models|extract|direction|project|compare`: find and read the character direction."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from persona_probe.activations.extraction import extract, load_activations
+from persona_probe.cli import common
+from persona_probe.cli.args import Command, Options, api_arg
+from persona_probe.cli.common import BACKEND_HELP, force_arg, model_args
+from persona_probe.core.errors import PersonaProbeError
+from persona_probe.directions.derive import derive
+from persona_probe.directions.monitor import compare_directions, project_prompts
+from persona_probe.directions.workflows import default_direction_dir, model_diff_direction, persona_direction
+from persona_probe.models.loading import known_models, load_model
+from persona_probe.prompts.records import load_traits
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    rows = known_models()
+    if args.json:
+        common.print_json(rows)
+        return 0
+    t = Table(title="persona_probe models")
+    for c in ("name", "aliases", "kind", "cached", "description"):
+        t.add_column(c)
+    for r in rows:
+        t.add_row(r["name"], ", ".join(r["aliases"]), r["kind"], "yes" if r["cached"] else "no", r["description"])
+    Console().print(t)
+    print("Also accepted: any local HF folder, a .gguf file, or a hub id (org/name) when the hub is reachable.")
+    return 0
+
+
+def cmd_extract(args: argparse.Namespace) -> int:
+    h = common.load_handle(args)
+    kw: dict[str, Any] | None = {"inplace": True} if args.backend in ("transformer_lens", "tl") else None
+    if args.remote:
+        if args.backend != "nnsight":
+            raise PersonaProbeError("--remote needs --backend nnsight (NDIF executes nnsight traces)")
+        kw = {"remote": {"ndif": True, "local": "local"}.get(args.remote, args.remote)}
+    acts = extract(h, args.prompts, layers=args.layers, positions=args.positions, backend=args.backend,
+                   batch_size=args.batch_size, out=args.out, shard_size=args.shard_size, seed=args.seed,
+                   overwrite=args.overwrite, backend_kwargs=kw)
+    shapes = {p: list(t.shape) for p, t in acts.pooled.items()}
+    if acts.tokens is not None:
+        shapes["all"] = list(acts.tokens.shape)
+    print(json.dumps({"out": args.out, "n_prompts": len(acts.records), "shapes": shapes,
+                      "padding_waste": acts.manifest.get("padding_waste")}))
+    return 0
+
+
+def cmd_direction(args: argparse.Namespace) -> int:
+    out = args.out or str(default_direction_dir(args.persona or ("model_diff" if args.base_model else "direction")))
+    if args.persona:
+        d = persona_direction(common.load_handle(args), args.persona, position=args.position, layers=args.layers,
+                              n_questions=args.n_questions, n_prompts=args.n_prompts, backend=args.backend,
+                              batch_size=args.batch_size, out=out, seed=args.seed, test_frac=args.test_frac)
+    elif args.base_model:
+        ft = common.load_handle(args)
+        base = load_model(args.base_model, device=args.device, dtype=args.dtype)
+        d = model_diff_direction(base, ft, args.prompts, position=args.position, layers=args.layers,
+                                 backend=args.backend, batch_size=args.batch_size, out=out, seed=args.seed,
+                                 test_frac=args.test_frac)
+    elif args.pos and args.neg:
+        d = derive(load_activations(args.pos), load_activations(args.neg), position=args.position,
+                   method=args.method, name=args.name or Path(out).name, seed=args.seed, test_frac=args.test_frac)
+        d.save(out)
+    else:
+        raise PersonaProbeError("give --persona TRAIT, or --pos DIR --neg DIR, or --base-model M (model diff)")
+    best = next(s for s in d.stats if s.layer == d.best_layer)
+    print(json.dumps({"out": out, "best_layer": d.best_layer, "heldout_auroc": round(best.auroc, 4),
+                      "heldout_cohens_d": round(best.cohens_d, 3), "random_control_auroc": round(best.random_auroc, 4),
+                      "random_32_best_sign_auroc_mean": round(best.random_best_sign_auroc_mean or 0, 4),
+                      "norm": round(best.norm, 3)}))
+    return 0
+
+
+def cmd_project(args: argparse.Namespace) -> int:
+    res = project_prompts(common.load_handle(args), args.direction, args.prompts, layers=args.layers,
+                          position=args.position, backend=args.backend, batch_size=args.batch_size, out=args.out,
+                          force=args.force)
+    print(json.dumps(res["summary"]))
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    print(json.dumps(compare_directions(args.directions, layer=args.layer, out=args.out), indent=1))
+    return 0
+
+
+def _models_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print the list as JSON instead of a table")
+
+
+def _extract_options(p: argparse.ArgumentParser) -> None:
+    model_args(p)
+    p.add_argument("--prompts", required=True, help="builtin:NAME or a JSONL file of chat records")
+    api_arg(p, "--layers", extract, help="all | embed | N | N,M | START:END")
+    api_arg(p, "--positions", extract, help="comma list of prompt_last, prompt_mean, response_mean, all")
+    api_arg(p, "--backend", extract, help=BACKEND_HELP)
+    p.add_argument("--remote", default=None, help="nnsight only: ndif (NDIF-hosted hub model; add --device meta "
+                   "to skip the weights), a host URL, or local (offline dry run of the remote path)")
+    api_arg(p, "--batch-size", extract, type=common.batch_size, help="N or auto (fit to free GPU memory)")
+    api_arg(p, "--shard-size", extract, help="prompts per safetensors shard")
+    api_arg(p, "--seed", extract, help="seed recorded in the manifest (and used by sampling backends)")
+    p.add_argument("--out", required=True, help="output folder (checkpoints/activations/NAME)")
+    p.add_argument("--overwrite", action="store_true", help="replace a different run's artifacts in --out")
+
+
+def _direction_options(p: argparse.ArgumentParser) -> None:
+    model_args(p)
+    p.add_argument("--persona", default=None, choices=sorted(load_traits()), metavar="TRAIT",
+                   help="derive from the built-in persona prompts of this trait: %(choices)s")
+    p.add_argument("--pos", default=None, help="activation folder of the character side")
+    p.add_argument("--neg", default=None, help="activation folder of the neutral side")
+    api_arg(p, "--method", derive, choices=["persona", "response", "model_diff"],
+            help="label recorded for a --pos/--neg direction")
+    p.add_argument("--base-model", default=None, help="model diff: --model/--adapter (fine-tuned) minus this base")
+    api_arg(p, "--prompts", model_diff_direction, help="prompts for the model-diff route")
+    api_arg(p, "--position", persona_direction, help="prompt_last | prompt_mean | response_mean")
+    api_arg(p, "--layers", persona_direction, help="all | embed | N | N,M | START:END")
+    api_arg(p, "--n-questions", persona_direction, type=int, help="use only the first N built-in questions")
+    api_arg(p, "--n-prompts", persona_direction, type=int, help="use only the first N system prompts per side")
+    api_arg(p, "--backend", persona_direction, help=BACKEND_HELP)
+    api_arg(p, "--batch-size", persona_direction, help="prompts per forward pass")
+    api_arg(p, "--test-frac", persona_direction, help="held-out share of prompts (grouped by question)")
+    api_arg(p, "--seed", persona_direction, help="seed of the train/test split and the random controls")
+    p.add_argument("--name", default=None, help="direction name (default: the --out folder's name)")
+    p.add_argument("--out", default=None, help="output folder (default checkpoints/directions/NAME)")
+
+
+def _project_options(p: argparse.ArgumentParser) -> None:
+    model_args(p)
+    p.add_argument("--direction", required=True, help="direction folder")
+    p.add_argument("--prompts", required=True, help="builtin:NAME or a JSONL file (records, or question/answer rows)")
+    api_arg(p, "--layers", project_prompts, help="default: the direction's best layer; 'all' for every layer")
+    api_arg(p, "--position", project_prompts, help="prompt_last | prompt_mean | response_mean | all")
+    api_arg(p, "--backend", project_prompts, help=BACKEND_HELP)
+    api_arg(p, "--batch-size", project_prompts, help="prompts per forward pass")
+    force_arg(p)
+    p.add_argument("--out", default=None, help="folder for projections.jsonl + summary.json")
+
+
+def _compare_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("directions", nargs="+", help="direction folders, optionally NAME=FOLDER[@LAYER]")
+    api_arg(p, "--layer", compare_directions, help="layer to compare at (default: each direction's best layer)")
+    p.add_argument("--out", default=None, help="folder for cosine.json + cosine.html")
+
+
+COMMANDS: dict[str, tuple[Command, Options]] = {
+    "models": (cmd_models, _models_options), "extract": (cmd_extract, _extract_options),
+    "direction": (cmd_direction, _direction_options), "project": (cmd_project, _project_options),
+    "compare": (cmd_compare, _compare_options),
+}
