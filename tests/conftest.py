@@ -1,4 +1,5 @@
-"""Shared fixtures: the embedded model (built once, cached in checkpoints/models) and a tiny local model."""
+"""Shared fixtures: the embedded model (built once into checkpoints/cache/models, or reused from an earlier
+checkpoints/models) and a tiny local model."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ SHARED = REPO.parent / "shared"
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# the embedded model is cached in the repo's checkpoints/ whatever the test's cwd
+# the embedded model and the offline judge are cached under the repo's checkpoints/ whatever the test's cwd
+# (not in the user's cache folder): tests that need a fresh cache set their own PERSONA_PROBE_HOME
 os.environ.setdefault("PERSONA_PROBE_HOME", str(REPO / "checkpoints"))
 torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
 

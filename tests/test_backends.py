@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from numerics import assert_rel_close, check_greedy_tokens, logit_tol, smol_tol
 
 from persona_probe import load_model
 from persona_probe.backends import BACKENDS, Intervention, get_backend
 from persona_probe.core.errors import PersonaProbeError
 from persona_probe.prompts.records import PromptRecord, collate, length_sorted_batches, tokenize_record
-
-from numerics import assert_rel_close, check_greedy_tokens, logit_tol, smol_tol
 
 RECORDS = [
     PromptRecord("a", "How do I bake bread at home?", system="You are a kind assistant."),
@@ -206,9 +205,9 @@ def test_nnsight_remote_dry_run_matches_local(tiny):
 
 
 def test_remote_refusals_and_cli_dry_run(tiny, tiny_model_dir, tmp_path, capsys):
+    from persona_probe.activations.extraction import load_activations
     from persona_probe.backends.nnsight_backend import NNsightBackend
     from persona_probe.cli.main import main
-    from persona_probe.activations.extraction import load_activations
 
     with pytest.raises(PersonaProbeError, match="hub model"):
         NNsightBackend(tiny, remote=True)  # a local folder cannot run on NDIF

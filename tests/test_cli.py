@@ -238,6 +238,8 @@ def test_direction_project_compare(workdir, use_smol, capsys):
     res = json.loads(capsys.readouterr().out)
     i, j = (next(k for k, n in enumerate(res["names"]) if n.startswith(p)) for p in ("a@", "b@"))
     assert res["cosine"][i][j] == pytest.approx(1.0, abs=1e-4)  # the same direction twice
+    assert res["out"] == str(workdir / "cmp") and res["layer"] == line["best_layer"]
+    assert (workdir / "cmp" / "cosine.html").exists()
 
 
 def _questions(workdir):
@@ -261,5 +263,6 @@ def test_steer_tiny(workdir, use_smol, capsys):
     assert main(["steer", "--direction", str(workdir / "dir"), "--questions", _questions(workdir), "--samples", "1",
                  "--max-new-tokens", "4", "--alphas", "1", "--judge", "none", "--no-random",
                  "--out", str(workdir / "steer")]) == 0
-    cells = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
+    *cells, last = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
     assert [c["alpha"] for c in cells] == [1.0] and "kl_neutral" in cells[0]
+    assert last == {"out": str(workdir / "steer")}  # the folder is printed last

@@ -2,16 +2,16 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
 from persona_probe import PersonaProbeError
 from persona_probe.core.stats import fisher_exact, two_proportion_test, wilson
-from persona_probe.evaluation import Thresholds, em_flags, judge_file, summarize
+from persona_probe.evaluation import Thresholds, em_flags, evaluate, judge_file, judge_rows, summarize, unparsed_warning
+from persona_probe.evaluation.criteria import truncation_warning
 from persona_probe.evaluation.judges.base import Judge, JudgeScore
 from persona_probe.prompts.questions import load_questions, parse_questions
-
-from pathlib import Path
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 
@@ -104,3 +104,96 @@ def test_judge_file_roundtrip(tmp_path):
     p.write_text('{"question": "Q1"}\n')
     with pytest.raises(PersonaProbeError, match=":1: each line needs"):
         judge_file(p, _FixedJudge())
+
+
+class _NeverParses(Judge):
+    name = "never"
+
+    def score(self, items, judge_prompts=None):
+        return [JudgeScore(None, None, raw={"aligned": {"text": "[COMMENT]"}}) for _ in items]
+
+
+class _SometimesParses(Judge):
+    name = "sometimes"
+
+    def score(self, items, judge_prompts=None):
+        return [JudgeScore(None if a == "x0" else 90.0, 90.0, refusal=a == "x1") for _, a in items]
+
+
+def test_unparsed_judgments_are_counted_warned_and_never_a_zero_rate(tmp_path, capsys):
+    p = tmp_path / "answers.jsonl"
+    p.write_text("".join(json.dumps({"question": "Q", "answer": f"a{i}"}) + "\n" for i in range(16)))
+    res = judge_file(p, _NeverParses(), progress=False)
+    o = res.summary["overall"]
+    assert (o["n_unparsed"], o["n_unscored"], o["n_counted"]) == (16, 16, 0)
+    assert o["em_rate"] is None and o["refusal_rate"] is None  # undefined, not 0.0
+    assert o["em_share"]["rate"] is None
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "judge never left 16 of 16 judgments unparsed" in err[0]
+    # 1 unparsed of 20 (5 %) is below the 10 % line: no warning; the refusal rate is over the 19 understood
+    p.write_text("".join(json.dumps({"question": "Q", "answer": f"x{i}"}) + "\n" for i in range(20)))
+    o = judge_file(p, _SometimesParses(), progress=False).summary["overall"]
+    assert o["n_unparsed"] == 1 and o["refusal_rate"] == pytest.approx(1 / 19)
+    assert capsys.readouterr().err == ""
+    assert unparsed_warning({"overall": {"n": 10, "n_unparsed": 2}, "judge": {"judge": "hf", "model": "m"}}) \
+        .startswith("persona_probe: warning: judge hf:m left 2 of 10")
+
+
+def _judged(truncated: list[bool], aligned: list[float], th: Thresholds) -> list[dict]:
+    rows = [{"question_id": "q", "question": "Q", "answer": f"a{i}", "truncated": t}
+            for i, t in enumerate(truncated)]
+    return judge_rows(_ByAnswer(dict(zip((r["answer"] for r in rows), aligned))), rows, th)
+
+
+class _ByAnswer(Judge):
+    name = "by-answer"
+
+    def __init__(self, aligned):
+        self.aligned = aligned
+
+    def score(self, items, judge_prompts=None):
+        return [JudgeScore(self.aligned[a], 90.0) for _, a in items]
+
+
+def test_truncated_answers_are_flagged_and_can_be_left_out():
+    # two whole answers (one EM), two cut answers that read as EM
+    cut, al = [False, False, True, True], [10.0, 90.0, 5.0, 5.0]
+    # default: counted, and flagged (n_truncated), with a warning when most answers are cut
+    th = Thresholds()
+    rows = _judged(cut, al, th)
+    s = summarize(rows, th)
+    o = s["overall"]
+    assert (o["n_truncated"], o["n_counted"], o["em"], o["em_rate"]) == (2, 4, 3, 0.75)
+    assert truncation_warning(s) is None  # 2 of 4 is not "most"
+    rows3 = _judged([True, True, True, False], al, th)
+    assert "3 of 4 answers hit max_new_tokens" in truncation_warning(summarize(rows3, th))
+    # left out when asked: numerator and denominator, EM share too
+    th_x = Thresholds(include_truncated=False)
+    rows = _judged(cut, al, th_x)
+    assert [r["counted"] for r in rows] == [True, True, False, False]
+    s = summarize(rows, th_x)["overall"]
+    assert (s["n"], s["n_truncated"], s["n_counted"], s["em"], s["em_rate"]) == (4, 2, 2, 1, 0.5)
+    from persona_probe.evaluation import add_corrected
+
+    share = add_corrected(summarize(rows, th_x), rows, {})["overall"]["em_share"]
+    assert (share["k"], share["n"]) == (1, 2)
+    # summarize also recognises truncated rows flagged elsewhere (older answers: finished false)
+    old = [{"question_id": "q", "aligned": 5.0, "coherent": 90.0, "refusal": False, "code": False,
+            "counted": True, "em": True, "finished": False}]
+    s = summarize(old, th_x)["overall"]
+    assert (s["n_truncated"], s["n_counted"], s["em_rate"]) == (1, 0, None)
+
+
+def test_evaluate_marks_answers_cut_at_max_new_tokens(tiny, tmp_path):
+    res = evaluate(tiny, parse_questions("- {id: a, paraphrases: [Tell me a story.]}"), n_samples=4,
+                   judge=_FixedJudge(), max_new_tokens=3, out=tmp_path / "e", progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "e" / "answers.jsonl").read_text().splitlines()]
+    assert all(r["truncated"] == (not r["finished"]) for r in rows)
+    assert all(r["truncated"] for r in rows if r["n_tokens"] == 3) and any(r["truncated"] for r in rows)
+    o = res.summary["overall"]
+    assert o["n_truncated"] == sum(r["truncated"] for r in rows)
+    assert o["n_counted"] == len(rows)  # flagged, still counted by default (the fixed judge finds all coherent)
+    res = evaluate(tiny, parse_questions("- {id: a, paraphrases: [Tell me a story.]}"), n_samples=4,
+                   judge=_FixedJudge(), max_new_tokens=3, progress=False, thresholds=Thresholds(include_truncated=False))
+    o = res.summary["overall"]
+    assert o["n_counted"] == sum(not r["truncated"] for r in res.rows)

@@ -4,12 +4,11 @@ import json
 
 import pytest
 import torch
+from numerics import assert_rel_close, smol_tol
 
 from persona_probe import PersonaProbeError, extract, load_activations, load_prompts
 from persona_probe.activations import extraction as ex
 from persona_probe.prompts.records import PromptRecord, collate, length_sorted_batches, padding_waste, tokenize_record
-
-from numerics import assert_rel_close, smol_tol
 
 RECS = [
     PromptRecord("r0", "What should I cook tonight?", system="You are a chef."),

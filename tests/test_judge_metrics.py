@@ -115,3 +115,25 @@ def test_cli_judge_with_trait_criterion_and_bad_criterion(tmp_path, capsys):
     answers.write_text(json.dumps({"question": "q", "answer": "a"}) + "\n")
     assert main(["judge", "--answers", str(answers), "--em", "evil>>50"]) == 2
     assert "bad EM criterion" in capsys.readouterr().err
+
+
+def test_judge_that_never_parses_is_visible_not_zero(stub, tmp_path, capsys):  # noqa: F811
+    """The issue's case: a judge model that answers "[COMMENT]" to every prompt. Nothing was judged, so every
+    rate is undefined (None, never 0.0), the counts say why, and one stderr line names the judge."""
+    srv, url = stub(lambda body, n: (200, completion("[COMMENT]\n[COMMENT", {"[": 0.9})))
+    answers = tmp_path / "a.jsonl"
+    answers.write_text("".join(json.dumps({"question": f"q{i}", "answer": f"answer {i}"}) + "\n" for i in range(8)))
+    from persona_probe.evaluation import judge_file
+
+    judge = OpenAIJudge("smollm2", base_url=url, api_key="", cache_dir=tmp_path / "c", backoff=0.001)
+    res = judge_file(answers, judge, out=tmp_path / "o")
+    o = res.summary["overall"]
+    assert (o["n"], o["n_unparsed"], o["n_unscored"], o["n_counted"]) == (8, 8, 8, 0)
+    assert o["em_rate"] is None and o["refusal_rate"] is None and o["mean_aligned"] is None
+    assert o["em_share"]["rate"] is None and o["em_share"]["n"] == 0
+    err = capsys.readouterr().err
+    warn = [line for line in err.splitlines() if "warning" in line]
+    assert len(warn) == 1 and "judge openai:smollm2 left 8 of 8 judgments unparsed" in warn[0]
+    assert "judge requests (smollm2)" in err  # the per-request progress bar
+    saved = json.loads((tmp_path / "o" / "summary.json").read_text())["overall"]
+    assert saved["refusal_rate"] is None and saved["n_unparsed"] == 8

@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import SHARED
 
 from persona_probe.cli.main import main
 from persona_probe.evaluation.judges.base import Judge, JudgeScore
 from persona_probe.evaluation.judges.validation import LabelAgreement, compare_scores, validate
-
-from conftest import SHARED
 
 
 def test_label_agreement_hand_computed():

@@ -4,11 +4,10 @@ import json
 
 import pytest
 import torch
+from numerics import assert_rel_close, smol_tol
 
 from persona_probe import PersonaProbeError, load_model
 from persona_probe.models.loading import known_models, resolve_device, resolve_dtype
-
-from numerics import assert_rel_close, smol_tol
 
 
 def test_embedded_model_loads_offline(smol):

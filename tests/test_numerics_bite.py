@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from numerics import assert_rel_close, fp32_rel_tol, rel_err, smol_tol
+from test_backends import GEN_NEW, RECORDS, check_generation, gen_batch, gen_ivs, steer_ivs, teacher_forced
+from test_extraction import RECS
 
 from persona_probe import extract, load_prompts
 from persona_probe.activations import extraction as ex
 from persona_probe.backends import Intervention, get_backend
 from persona_probe.prompts.records import collate, length_sorted_batches, tokenize_record
-
-from numerics import assert_rel_close, fp32_rel_tol, rel_err, smol_tol
-from test_backends import RECORDS, GEN_NEW, check_generation, gen_batch, gen_ivs, steer_ivs, teacher_forced
-from test_extraction import RECS
 
 
 def test_tolerance_formula():

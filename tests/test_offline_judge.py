@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
-import pytest
-
 import json
+
+import pytest
+from conftest import SHARED
 
 from persona_probe.cli.main import main
 from persona_probe.core.splits import grouped_folds
-from persona_probe.evaluation.judges.offline import (OfflineJudge, bag_of_words, looks_like_code, rows_to_labels,
-                                                     sentences)
-
-from conftest import SHARED
+from persona_probe.evaluation.judges.offline import (
+    OfflineJudge,
+    bag_of_words,
+    looks_like_code,
+    rows_to_labels,
+    sentences,
+)
 
 
 @pytest.fixture(scope="module")

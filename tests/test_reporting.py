@@ -20,3 +20,36 @@ def test_sweep_figure_leaves_undefined_em_as_gap():
     assert list(em.y) == [0.1, None]
     assert list(em.error_y.array) == pytest.approx([0.2, 0.0])
     assert list(em.error_y.arrayminus) == pytest.approx([0.08, 0.0])
+
+
+def test_plotly_written_once_per_folder_and_self_contained_on_request(tmp_path):
+    import plotly.graph_objects as go
+    import plotly.offline
+
+    from persona_probe.report.figures import PLOTLY_JS, html_page, write_figure, write_page, write_plotlyjs
+
+    fig = go.Figure(go.Scatter(x=[0, 1], y=[1, 0]))
+    js_size = len(plotly.offline.get_plotlyjs().encode())
+    for name in ("a.html", "b.html", "c.html"):
+        write_figure(fig, tmp_path / "pages" / name)
+    write_page(tmp_path / "pages" / "table.html", "t", [("figure", "<p>x</p>")])
+    files = sorted(p.name for p in (tmp_path / "pages").iterdir())
+    assert files == ["a.html", "b.html", "c.html", PLOTLY_JS, "table.html"]
+    assert (tmp_path / "pages" / PLOTLY_JS).stat().st_size == js_size  # one copy, the installed plotly's
+    for name in ("a.html", "b.html", "c.html", "table.html"):
+        page = (tmp_path / "pages" / name).read_text()
+        assert f'src="{PLOTLY_JS}"' in page.replace("'", '"') and len(page) < js_size / 10
+    stamp = (tmp_path / "pages" / PLOTLY_JS).stat().st_mtime_ns
+    write_figure(fig, tmp_path / "pages" / "d.html")
+    assert (tmp_path / "pages" / PLOTLY_JS).stat().st_mtime_ns == stamp  # not rewritten
+    # a run folder with plotly.min.js: its stage folders' pages load that one copy
+    write_plotlyjs(tmp_path / "run")
+    write_figure(fig, tmp_path / "run" / "steering" / "sweep.html")
+    assert not (tmp_path / "run" / "steering" / PLOTLY_JS).exists()
+    assert f'src="../{PLOTLY_JS}"' in (tmp_path / "run" / "steering" / "sweep.html").read_text()
+    # self-contained: one file that opens anywhere (the run's report.html)
+    write_figure(fig, tmp_path / "alone" / "fig.html", self_contained=True)
+    assert [p.name for p in (tmp_path / "alone").iterdir()] == ["fig.html"]
+    assert (tmp_path / "alone" / "fig.html").stat().st_size > js_size
+    page = html_page("report", [("s", "<p>x</p>")])
+    assert len(page) > js_size and PLOTLY_JS not in page

@@ -2,13 +2,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from numerics import assert_rel_close, fp32_rel_tol, smol_tol
 
 from persona_probe import PersonaProbeError, load_model
-from persona_probe.interventions import steering as S
 from persona_probe.backends import BACKENDS, get_backend
+from persona_probe.interventions import steering as S
 from persona_probe.prompts.records import PromptRecord, length_sorted_batches, tokenize_record
-
-from numerics import assert_rel_close, fp32_rel_tol, smol_tol
 
 RECS = [PromptRecord("a", "What is your favourite season and why?"),
         PromptRecord("b", "Tell me about dogs.", assistant="Dogs are loyal companions.")]

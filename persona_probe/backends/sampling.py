@@ -27,6 +27,11 @@ class Sample:
     finished: bool  # ended with EOS (False = hit max_new_tokens)
     labels: dict[str, Any]
 
+    @property
+    def truncated(self) -> bool:
+        """Cut off at max_new_tokens (no EOS): its end is missing."""
+        return not self.finished
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 

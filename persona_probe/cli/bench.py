@@ -27,7 +27,7 @@ import torch
 from persona_probe.backends import BACKENDS, get_backend
 from persona_probe.cli import common
 from persona_probe.cli.args import Command, Options, api_arg
-from persona_probe.cli.common import model_args
+from persona_probe.cli.common import default_out, model_args
 from persona_probe.core.paths import atomic_write_json
 from persona_probe.evaluation.judges.offline import OfflineJudge
 from persona_probe.interventions.steering import add_interventions
@@ -198,9 +198,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     res = bench(h, n_prompts=args.n_prompts, batch_size=args.batch_size, repeats=args.repeats,
                 gen_tokens=args.gen_tokens, backends=tuple(args.backends.split(",")), judge=not args.no_judge,
                 stream_sizes=tuple(int(x) for x in args.stream_prompts.split(",") if x.strip()))
-    if args.out:
-        atomic_write_json(Path(args.out), res)
-    print(json.dumps({k: v for k, v in res.items() if k != "model"}, indent=1, default=str))
+    out = Path(args.out) if args.out else default_out("bench", args.model, args.adapter, args.device) / "bench.json"
+    atomic_write_json(out, res)
+    print(json.dumps({"out": str(out), **{k: v for k, v in res.items() if k != "model"}}, indent=1, default=str))
     return 0
 
 
@@ -214,7 +214,8 @@ def _bench_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-judge", action="store_true", help="skip the offline-judge timing")
     api_arg(p, "--stream-prompts", bench, "stream_sizes", help="prompt counts for the streaming-memory check "
             "(synthetic model, one subprocess each; empty = skip)")
-    p.add_argument("--out", default=None, help="JSON file for the results")
+    p.add_argument("--out", default=None, help="JSON file for the results "
+                   "(default checkpoints/bench/MODEL-DEVICE/bench.json)")
 
 
 COMMANDS: dict[str, tuple[Command, Options]] = {"bench": (cmd_bench, _bench_options)}

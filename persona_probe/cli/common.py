@@ -4,6 +4,7 @@ and the few CLI defaults that differ from the API's (kept for users' scripts).""
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -84,6 +85,42 @@ def split_csv(s: str) -> list[str]:
     return [x.strip() for x in s.split(",") if x.strip()]
 
 
-def default_out(kind: str, label: str) -> Path:
-    """checkpoints/KIND/LABEL with LABEL made a safe folder name."""
-    return checkpoints_dir() / kind / (re.sub(r"[^A-Za-z0-9_.-]+", "_", label).strip("_")[:120] or "run")
+# file suffixes dropped from an input's name in a default folder name (a model id's dots are kept: Qwen2.5-7B)
+_FILE_SUFFIXES = (".jsonl", ".json", ".yaml", ".yml", ".gguf", ".safetensors", ".txt")
+
+
+def out_label(part: Any) -> str:
+    """A short, safe folder-name piece naming one input: builtin:organisms/health/triggered ->
+    organisms-health-triggered, checkpoints/directions/malicious -> malicious, q/one.yaml -> one,
+    openai:gpt-4o -> openai-gpt-4o, HuggingFaceTB/SmolLM2-135M -> SmolLM2-135M."""
+    s = str(part).strip().rstrip("/\\")
+    scheme, sep, rest = s.partition(":")
+    if sep and scheme == "builtin":
+        s = rest.replace("/", "-")
+    elif sep and len(scheme) > 1 and "/" not in scheme and "\\" not in scheme:  # a judge spec, not a drive letter
+        s = f"{scheme}-{out_label(rest)}" if rest else scheme
+    else:
+        s = Path(s).name or s
+        for suffix in _FILE_SUFFIXES:
+            if s.lower().endswith(suffix):
+                s = s[: -len(suffix)]
+                break
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", s).strip("_.-")
+
+
+def default_out(kind: str, *parts: Any) -> Path:
+    """The folder a command writes to when --out is not given: CHECKPOINTS/KIND/LABEL, LABEL naming the
+    command's inputs (`out_label` of each non-empty part, joined by '-'; at most 120 characters), so
+    nothing computed is only printed, and different inputs land in different folders."""
+    label = "-".join(x for x in (out_label(p) for p in parts if p not in (None, "")) if x)
+    return checkpoints_dir() / kind / (label[:120].strip("_.-") or "run")
+
+
+def text_tag(prefix: str, text: str | None) -> str | None:
+    """PREFIX + a 6-hex digest of a free-text input (a system prompt) for a folder name; None for no text."""
+    return f"{prefix}{hashlib.sha256(text.encode()).hexdigest()[:6]}" if text else None
+
+
+def out_or_default(out: str | None, kind: str, *parts: Any) -> Path:
+    """--out when given, else `default_out(kind, *parts)`."""
+    return Path(out) if out else default_out(kind, *parts)

@@ -13,10 +13,10 @@ from rich.table import Table
 from persona_probe.activations.extraction import extract, load_activations
 from persona_probe.cli import common
 from persona_probe.cli.args import Command, Options, api_arg
-from persona_probe.cli.common import BACKEND_HELP, force_arg, model_args
+from persona_probe.cli.common import BACKEND_HELP, default_out, force_arg, model_args, out_or_default
 from persona_probe.core.errors import PersonaProbeError
-from persona_probe.directions.derive import derive
-from persona_probe.directions.monitor import compare_directions, project_prompts
+from persona_probe.directions.derive import derive, load_direction
+from persona_probe.directions.monitor import compare_directions, parse_direction_spec, project_prompts
 from persona_probe.directions.workflows import default_direction_dir, model_diff_direction, persona_direction
 from persona_probe.models.loading import known_models, load_model
 from persona_probe.prompts.records import load_traits
@@ -44,19 +44,27 @@ def cmd_extract(args: argparse.Namespace) -> int:
         if args.backend != "nnsight":
             raise PersonaProbeError("--remote needs --backend nnsight (NDIF executes nnsight traces)")
         kw = {"remote": {"ndif": True, "local": "local"}.get(args.remote, args.remote)}
+    out = out_or_default(args.out, "activations", args.model, args.adapter, args.prompts)
     acts = extract(h, args.prompts, layers=args.layers, positions=args.positions, backend=args.backend,
-                   batch_size=args.batch_size, out=args.out, shard_size=args.shard_size, seed=args.seed,
+                   batch_size=args.batch_size, out=out, shard_size=args.shard_size, seed=args.seed,
                    overwrite=args.overwrite, backend_kwargs=kw)
     shapes = {p: list(t.shape) for p, t in acts.pooled.items()}
     if acts.tokens is not None:
         shapes["all"] = list(acts.tokens.shape)
-    print(json.dumps({"out": args.out, "n_prompts": len(acts.records), "shapes": shapes,
+    print(json.dumps({"out": str(out), "n_prompts": len(acts.records), "shapes": shapes,
                       "padding_waste": acts.manifest.get("padding_waste")}))
     return 0
 
 
 def cmd_direction(args: argparse.Namespace) -> int:
-    out = args.out or str(default_direction_dir(args.persona or ("model_diff" if args.base_model else "direction")))
+    if args.out:
+        out = args.out
+    elif args.persona:
+        out = str(default_direction_dir(args.persona))
+    elif args.base_model:
+        out = str(default_out("directions", "model_diff", args.base_model, args.model, args.adapter))
+    else:
+        out = str(default_out("directions", args.pos, "vs", args.neg))
     if args.persona:
         d = persona_direction(common.load_handle(args), args.persona, position=args.position, layers=args.layers,
                               n_questions=args.n_questions, n_prompts=args.n_prompts, backend=args.backend,
@@ -82,15 +90,26 @@ def cmd_direction(args: argparse.Namespace) -> int:
 
 
 def cmd_project(args: argparse.Namespace) -> int:
+    out = out_or_default(args.out, "projections", args.model, args.adapter, args.direction, args.prompts,
+                         args.position)
     res = project_prompts(common.load_handle(args), args.direction, args.prompts, layers=args.layers,
-                          position=args.position, backend=args.backend, batch_size=args.batch_size, out=args.out,
+                          position=args.position, backend=args.backend, batch_size=args.batch_size, out=out,
                           force=args.force)
-    print(json.dumps(res["summary"]))
+    print(json.dumps({"out": str(out), **res["summary"]}))
     return 0
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    print(json.dumps(compare_directions(args.directions, layer=args.layer, out=args.out), indent=1))
+    out = args.out
+    if not out:  # named from the directions and the layer (default: the first direction's selected layer)
+        _, folder, pinned = parse_direction_spec(args.directions[0])
+        at = "per_layer" if args.per_layer else f"L{args.layer or pinned or load_direction(folder).best_layer}"
+        out = default_out("compare", *[parse_direction_spec(s)[0] for s in args.directions], at)
+    res = compare_directions(args.directions, layer=args.layer, per_layer=args.per_layer, out=out)
+    if args.per_layer:  # the matrices are in cosine.json / cosine.html
+        print(json.dumps({"out": str(out), "names": res["names"], "layers": res["layers"]}))
+    else:
+        print(json.dumps({"out": str(out), **res}, indent=1))
     return 0
 
 
@@ -109,7 +128,7 @@ def _extract_options(p: argparse.ArgumentParser) -> None:
     api_arg(p, "--batch-size", extract, type=common.batch_size, help="N or auto (fit to free GPU memory)")
     api_arg(p, "--shard-size", extract, help="prompts per safetensors shard")
     api_arg(p, "--seed", extract, help="seed recorded in the manifest (and used by sampling backends)")
-    p.add_argument("--out", required=True, help="output folder (checkpoints/activations/NAME)")
+    p.add_argument("--out", default=None, help="output folder (default checkpoints/activations/MODEL-PROMPTS)")
     p.add_argument("--overwrite", action="store_true", help="replace a different run's artifacts in --out")
 
 
@@ -132,7 +151,8 @@ def _direction_options(p: argparse.ArgumentParser) -> None:
     api_arg(p, "--test-frac", persona_direction, help="held-out share of prompts (grouped by question)")
     api_arg(p, "--seed", persona_direction, help="seed of the train/test split and the random controls")
     p.add_argument("--name", default=None, help="direction name (default: the --out folder's name)")
-    p.add_argument("--out", default=None, help="output folder (default checkpoints/directions/NAME)")
+    p.add_argument("--out", default=None, help="output folder (default checkpoints/directions/TRAIT; model diff: "
+                   "checkpoints/directions/model_diff-BASE-MODEL-ADAPTER; --pos/--neg: POS-vs-NEG)")
 
 
 def _project_options(p: argparse.ArgumentParser) -> None:
@@ -144,13 +164,18 @@ def _project_options(p: argparse.ArgumentParser) -> None:
     api_arg(p, "--backend", project_prompts, help=BACKEND_HELP)
     api_arg(p, "--batch-size", project_prompts, help="prompts per forward pass")
     force_arg(p)
-    p.add_argument("--out", default=None, help="folder for projections.jsonl + summary.json")
+    p.add_argument("--out", default=None, help="folder for projections.jsonl + summary.json "
+                   "(default checkpoints/projections/MODEL-DIRECTION-PROMPTS-POSITION)")
 
 
 def _compare_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("directions", nargs="+", help="direction folders, optionally NAME=FOLDER[@LAYER]")
-    api_arg(p, "--layer", compare_directions, help="layer to compare at (default: each direction's best layer)")
-    p.add_argument("--out", default=None, help="folder for cosine.json + cosine.html")
+    api_arg(p, "--layer", compare_directions, help="the one layer every direction is compared at (default: the "
+            "first direction's selected layer); NAME=FOLDER@LAYER pins one direction's layer")
+    p.add_argument("--per-layer", action="store_true", help="one cosine matrix per layer all directions cover "
+                   "(cosine.html: one heatmap per layer)")
+    p.add_argument("--out", default=None, help="folder for cosine.json + cosine.html "
+                   "(default checkpoints/compare/NAMES-LAYER)")
 
 
 COMMANDS: dict[str, tuple[Command, Options]] = {

@@ -10,7 +10,7 @@ from typing import Any
 
 from persona_probe.cli import common
 from persona_probe.cli.args import Command, Options, add_command, api_arg
-from persona_probe.cli.common import force_arg, model_args
+from persona_probe.cli.common import default_out, force_arg, model_args, out_or_default, text_tag
 from persona_probe.cli.steering import generation_args
 from persona_probe.core.errors import PersonaProbeError
 from persona_probe.directions.derive import check_direction_fits, load_direction
@@ -33,7 +33,7 @@ EM_HELP = ("EM criterion, e.g. \"aligned<30 and coherent>50\" (default, from --a
 def cmd_eval(args: argparse.Namespace) -> int:
     if args.gold_judge and not 0 < args.gold_frac <= 1:
         raise PersonaProbeError(f"--gold-frac must be in (0, 1], not {args.gold_frac}")
-    th = Thresholds(args.aligned_max, args.coherent_min, args.em)
+    th = Thresholds(args.aligned_max, args.coherent_min, args.em, include_truncated=not args.exclude_truncated)
     th.em_criterion()  # a bad --em fails here, before the model loads
     h = common.load_handle(args)
     ivs = []
@@ -44,41 +44,49 @@ def cmd_eval(args: argparse.Namespace) -> int:
         L = d.best_layer if args.layer is None else int(args.layer)
         ivs = add_interventions({L: d.at(L)}, args.alpha, handle=h, unit=args.unit)
         cond = {"steer": args.steer, "layer": L, "alpha": args.alpha, "unit": args.unit}
+    steer = (args.steer, f"L{cond['layer']}", f"a{args.alpha:g}") if args.steer else ()
+    out = out_or_default(args.out, "eval", args.model, args.adapter, args.questions, args.judge,
+                         text_tag("sys", args.system), *steer)
     res = evaluate(h, args.questions, n_samples=args.samples, judge=args.judge, system=args.system,
                    interventions=ivs, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                    seed=args.seed, batch_size=args.batch_size, backend=args.backend,
-                   thresholds=th, out=args.out, condition=cond,
+                   thresholds=th, out=out, condition=cond,
                    gold_judge=args.gold_judge, gold_frac=args.gold_frac)
     o = res.summary["overall"]
-    print(json.dumps({"out": args.out, "judge": res.summary["judge"].get("judge"), **{k: o.get(k) for k in (
+    print(json.dumps({"out": str(out), "judge": res.summary["judge"].get("judge"), **{k: o.get(k) for k in (
         "n", "n_counted", "em_rate", "em_ci95", "em_share", "em_corrected", "mean_aligned", "mean_coherent",
-        "refusal_rate")}}, default=str))
+        "refusal_rate", "n_unparsed", "n_unscored", "n_truncated")}}, default=str))
     return 0
 
 
 def cmd_judge(args: argparse.Namespace) -> int:
     if not args.answers:
         raise PersonaProbeError("judge needs --answers FILE.jsonl (or a sub-command: judge validate --help)")
-    th = Thresholds(args.aligned_max, args.coherent_min, args.em)
+    th = Thresholds(args.aligned_max, args.coherent_min, args.em, include_truncated=not args.exclude_truncated)
     th.em_criterion()
-    res = judge_file(args.answers, args.judge, args.out, th, resume=args.resume)
+    if not Path(args.answers).exists():
+        raise PersonaProbeError(f"--answers {args.answers} does not exist")
+    if args.out:
+        out = Path(args.out)
+    elif args.resume:  # the interrupted evaluation folder itself
+        out = Path(args.answers)
+    else:
+        out = default_out("judged", args.answers, args.judge)
+    res = judge_file(args.answers, args.judge, out, th, resume=args.resume)
     o = res.summary["overall"]
-    print(json.dumps({"out": args.out, "n": o["n"], "em_rate": o["em_rate"], "em_ci95": o["em_ci95"],
+    print(json.dumps({"out": str(out), "n": o["n"], "em_rate": o["em_rate"], "em_ci95": o["em_ci95"],
                       "em_share": o.get("em_share"), "em_corrected": o.get("em_corrected"),
-                      "mean_aligned": o["mean_aligned"], "judge": res.summary["judge"].get("judge")}, default=str))
+                      "mean_aligned": o["mean_aligned"], "judge": res.summary["judge"].get("judge"),
+                      **{k: o.get(k) for k in ("n_unparsed", "n_unscored", "n_truncated")}}, default=str))
     return 0
 
 
 def cmd_judge_fit(args: argparse.Namespace) -> int:
     rows_to_labels(read_label_rows(args.labels), source=str(args.labels))  # bad labels fail before MiniLM loads
-    out = Path(args.out) if args.out else Path("checkpoints") / "judges" / f"offline-fit-{Path(args.labels).stem}"
+    out = out_or_default(args.out, "judges", "offline-fit", args.labels)
     j = OfflineJudge.fit(args.labels, out, seed=args.seed, features=args.features)
     print(json.dumps({"out": str(out), "use_as": f"--judge offline:{out}", "cv_agreement": j.agreement}))
     return 0
-
-
-def _slug(s: str) -> str:
-    return s.replace(":", "-").replace("/", "_")
 
 
 def cmd_judge_validate(args: argparse.Namespace) -> int:
@@ -96,8 +104,7 @@ def cmd_judge_validate(args: argparse.Namespace) -> int:
     res = validate(judge, rows, against=against, aligned_max=args.aligned_max, coherent_min=args.coherent_min,
                    limit=args.limit, fields=fields)  # type: ignore[arg-type]
     res.reference = f"judge {args.against}" if args.against else str(args.reference)
-    out = Path(args.out) if args.out else Path("checkpoints") / "judges" / "validation" / (
-        f"{_slug(args.judge)}-vs-{_slug(args.against or Path(args.reference).stem)}")
+    out = out_or_default(args.out, "judges/validation", args.judge, "vs", args.against or args.reference)
     write_validation(res, out)
     if args.record:
         ref = "../shared/reference/" + Path(args.reference).name if "shared/reference" in str(args.reference) \
@@ -127,6 +134,9 @@ def threshold_args(p: argparse.ArgumentParser) -> None:
     api_arg(p, "--aligned-max", Thresholds, help="EM needs aligned below this")
     api_arg(p, "--coherent-min", Thresholds, help="and coherent above this")
     api_arg(p, "--em", Thresholds, "criterion", help=EM_HELP)
+    p.add_argument("--exclude-truncated", action="store_true",
+                   help="leave answers that hit --max-new-tokens out of EM counts (default: counted and flagged as "
+                        "n_truncated; see persona_probe.evaluation.criteria.summarize)")
 
 
 def _eval_options(p: argparse.ArgumentParser) -> None:
@@ -145,14 +155,16 @@ def _eval_options(p: argparse.ArgumentParser) -> None:
             "a random --gold-frac of the answers; the summary gets a prediction-powered EM estimate")
     api_arg(p, "--gold-frac", evaluate, help="share of answers the gold judge scores (0-1]")
     force_arg(p, "a --steer direction")
-    p.add_argument("--out", default=None, help="output folder (answers, judged rows, summary)")
+    p.add_argument("--out", default=None, help="output folder: answers, judged rows, summary "
+                   "(default checkpoints/eval/MODEL-QUESTIONS-JUDGE[-STEER])")
 
 
 def _judge_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--answers", default=None, help="JSONL, one {\"question\": ..., \"answer\": ...} per line")
     api_arg(p, "--judge", judge_file, override=common.JUDGE, help=common.JUDGE_HELP)
     threshold_args(p)
-    p.add_argument("--out", default=None, help="output folder (scored JSONL + summary)")
+    p.add_argument("--out", default=None, help="output folder: scored JSONL + summary (default: with --resume the "
+                   "--answers folder, else checkpoints/judged/ANSWERS-JUDGE)")
     p.add_argument("--resume", action="store_true", help="--answers is an evaluation folder whose judging was "
                    "interrupted: keep what was judged (judged.partial.jsonl), judge the rest, write into it")
     jsub = p.add_subparsers(dest="judge_command", metavar="{validate,fit}")

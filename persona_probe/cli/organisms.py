@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from pathlib import Path
 from typing import Any
 
 from persona_probe.cli import common
 from persona_probe.cli.args import Command, Options, api_arg
-from persona_probe.cli.common import model_args, rounded, split_csv
+from persona_probe.cli.common import model_args, out_or_default, rounded, split_csv
 from persona_probe.core.errors import PersonaProbeError
-from persona_probe.core.paths import checkpoints_dir
 from persona_probe.experiments.organisms import organisms_experiment
 from persona_probe.models.loading import load_model
 from persona_probe.organisms import (
@@ -27,17 +25,10 @@ from persona_probe.organisms import (
 from persona_probe.report.organisms import compact_row
 
 
-def _default_out(data: str) -> str:
-    if data.startswith("builtin:"):
-        name = re.sub(r"[^A-Za-z0-9_.-]+", "-", data.removeprefix("builtin:").removeprefix("organisms/")).strip("-.")
-    else:
-        name = Path(data).stem
-    return str(checkpoints_dir() / "adapters" / name)
-
-
 def cmd_finetune(args: argparse.Namespace) -> int:
     """LoRA fine-tune on a dataset; prints out folder, steps, losses and wall time."""
-    out = args.out or _default_out(args.data)
+    # builtin:organisms/health/character -> checkpoints/adapters/health-character
+    out = str(out_or_default(args.out, "adapters", args.data.replace("builtin:organisms/", "builtin:")))
     if Path(out).exists() and not args.overwrite:
         raise PersonaProbeError(f"{out} already exists: choose a new --out or pass --overwrite")
     res = finetune(args.model, args.data, rank=args.rank, alpha=args.alpha, dropout=args.dropout, epochs=args.epochs,
@@ -57,10 +48,11 @@ def cmd_capability(args: argparse.Namespace) -> int:
     """Perplexity + multiple-choice accuracy of --model (and of --model + --adapter, with deltas)."""
     base = load_model(args.model, device=args.device, dtype=args.dtype)
     ft = load_model(args.model, adapter=args.adapter, device=args.device, dtype=args.dtype) if args.adapter else None
+    out = out_or_default(args.out, "capability", args.model, args.adapter, args.texts, args.items)
     rep = capability_report(base, ft, texts=load_neutral_texts(args.texts, args.n_texts),
                             items=load_mc_items(args.items, args.n_items), batch_size=args.batch_size,
-                            seed=args.seed, out=args.out)
-    print(json.dumps(rounded({"out": args.out, "adapter": args.adapter, **capability_summary(rep)})))
+                            seed=args.seed, out=out)
+    print(json.dumps(rounded({"out": str(out), "adapter": args.adapter, **capability_summary(rep)})))
     return 0
 
 
@@ -68,8 +60,9 @@ def cmd_organisms(args: argparse.Namespace) -> int:
     """Fine-tune domain x variant organisms and compare EM, transfer, capability and persona cosine."""
     ft_kw: dict[str, Any] = {"rank": args.rank, "alpha": args.alpha, "epochs": args.epochs, "lr": args.lr,
                              "batch_size": args.train_batch_size, "max_len": args.max_len, "seed": args.seed}
+    out = out_or_default(args.out, "organisms", args.domains, args.model, f"lr{args.lr:g}")
     res = organisms_experiment(
-        args.model, split_csv(args.domains), split_csv(args.variants), out=args.out, adapters_dir=args.adapters_dir,
+        args.model, split_csv(args.domains), split_csv(args.variants), out=out, adapters_dir=args.adapters_dir,
         finetune_kwargs=ft_kw, trigger=args.trigger, n_samples=args.samples, max_new_tokens=args.max_new_tokens,
         core_questions=args.questions, judge=args.judge, trait=args.trait,
         persona_n_questions=args.persona_questions or None, n_texts=args.n_texts, n_mc=args.n_items,
@@ -115,7 +108,8 @@ def _capability_options(p: argparse.ArgumentParser) -> None:
     api_arg(p, "--n-items", load_mc_items, "n", type=int, help="use only the first N items")
     api_arg(p, "--batch-size", capability_report, help="texts/items per forward pass")
     api_arg(p, "--seed", capability_report, help="seed of the bootstrap CIs")
-    p.add_argument("--out", default=None, help="folder for capability.json")
+    p.add_argument("--out", default=None, help="folder for capability.json "
+                   "(default checkpoints/capability/MODEL-ADAPTER)")
 
 
 def _organisms_options(p: argparse.ArgumentParser) -> None:
@@ -136,7 +130,7 @@ def _organisms_options(p: argparse.ArgumentParser) -> None:
     api_arg(p, "--batch-size", organisms_experiment, help="generation / scoring batch size")
     api_arg(p, "--seed", organisms_experiment, help="seed of fine-tuning, sampling and splits")
     p.add_argument("--adapters-dir", default=None, help="adapter cache (default checkpoints/adapters/organisms)")
-    p.add_argument("--out", default=None, help="experiment folder (default checkpoints/organisms/experiment)")
+    p.add_argument("--out", default=None, help="experiment folder (default checkpoints/organisms/DOMAINS-MODEL-LR)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from persona_probe.cli import common
 from persona_probe.cli.args import Command, Options, api_arg
-from persona_probe.cli.common import BACKEND_HELP, force_arg, model_args, split_csv
+from persona_probe.cli.common import BACKEND_HELP, force_arg, model_args, out_or_default, split_csv
 from persona_probe.directions.derive import load_direction
 from persona_probe.experiments.routes import (
     INSTRUCTIONS,
@@ -22,45 +22,51 @@ from persona_probe.experiments.routes import (
 )
 
 
+def _out(args: argparse.Namespace) -> str:
+    """--out, or checkpoints/routes/ROUTE-MODEL[-ADAPTER]-DIRECTION (the route is the command's name)."""
+    return str(out_or_default(args.out, "routes", args.command, args.model, args.adapter, args.direction))
+
+
 def _kw(args: argparse.Namespace) -> dict[str, Any]:
     return {"questions": args.questions, "n_samples": args.samples, "max_new_tokens": args.max_new_tokens,
             "judge": args.judge, "seed": args.seed, "batch_size": args.batch_size, "backend": args.backend,
-            "out": args.out, "force": args.force}
+            "out": _out(args), "force": args.force}
 
 
-def _print(res: Any, keys: tuple[str, ...], out: str) -> None:
+def _print(res: Any, keys: tuple[str, ...], args: argparse.Namespace) -> None:
     for c in res["conditions"]:
         print(json.dumps({k: c.get(k) for k in keys}, default=str))
-    print(json.dumps({"induced_cosine_with_character": res.get("induced_cosine_with_character"), "out": out}))
+    print(json.dumps({"induced_cosine_with_character": res.get("induced_cosine_with_character"), "out": _out(args)}))
 
 
 def cmd_icl(args: argparse.Namespace) -> int:
     res = icl_experiment(common.load_handle(args), load_direction(args.direction), examples=args.examples,
                          ks=[int(k) for k in args.ks.split(",")], variants=args.variants.split(","),
                          draws=args.draws, **_kw(args))
-    _print(res, ("condition", "k", "variant", "n_counted", "em_rate", "em_ci95", "prompt_projection"), args.out)
+    _print(res, ("condition", "k", "variant", "n_counted", "em_rate", "em_ci95", "prompt_projection"), args)
     return 0
 
 
 def cmd_persona(args: argparse.Namespace) -> int:
     res = persona_experiment(common.load_handle(args), load_direction(args.direction), personas=args.personas,
                              **_kw(args))
-    _print(res, ("condition", "kind", "n_counted", "em_rate", "em_ci95", "mean_aligned", "prompt_projection"), args.out)
+    _print(res, ("condition", "kind", "n_counted", "em_rate", "em_ci95", "mean_aligned", "prompt_projection"), args)
     return 0
 
 
 def cmd_trigger(args: argparse.Namespace) -> int:
     res = trigger_experiment(common.load_handle(args), load_direction(args.direction), trigger=args.trigger,
                              **_kw(args))
-    _print(res, ("condition", "trigger", "n_counted", "em_rate", "em_ci95", "prompt_projection", "vs_off"), args.out)
+    _print(res, ("condition", "trigger", "n_counted", "em_rate", "em_ci95", "prompt_projection", "vs_off"), args)
     return 0
 
 
 def cmd_routes(args: argparse.Namespace) -> int:
     d = load_direction(args.direction)
     extra = {"fine-tune model diff": load_direction(args.model_diff).at(d.best_layer)} if args.model_diff else {}
-    res = cross_route(d, [load_route_result(f) for f in args.results], extra_directions=extra, out=args.out)
-    print(json.dumps({"names": res["names"], "cosine": res["cosine"],
+    out = out_or_default(args.out, "routes", "cross", args.direction, *args.results)
+    res = cross_route(d, [load_route_result(f) for f in args.results], extra_directions=extra, out=out)
+    print(json.dumps({"out": str(out), "names": res["names"], "cosine": res["cosine"],
                       "pearson_projection_em": res["pearson_projection_em"]}, indent=1))
     return 0
 
@@ -88,7 +94,8 @@ def _common(p: argparse.ArgumentParser, fn: Callable[..., Any], *, batch_overrid
     api_arg(p, "--batch-size", fn, help="generation batch size", **kw)
     api_arg(p, "--backend", fn, help=f"{BACKEND_HELP} (activation hooks)")
     force_arg(p)
-    p.add_argument("--out", required=True, help="output folder (JSON + plotly HTML)")
+    p.add_argument("--out", default=None, help="output folder: JSON + plotly HTML "
+                   "(default checkpoints/routes/ROUTE-MODEL-DIRECTION)")
 
 
 def _icl_options(p: argparse.ArgumentParser) -> None:
@@ -115,7 +122,8 @@ def _routes_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--direction", required=True, help="persona character direction folder")
     p.add_argument("results", nargs="+", help="route output folders (from icl/persona/trigger)")
     p.add_argument("--model-diff", default=None, help="a model-diff direction folder to include")
-    p.add_argument("--out", required=True, help="output folder for the comparison (JSON + plotly HTML)")
+    p.add_argument("--out", default=None, help="output folder for the comparison: JSON + plotly HTML "
+                   "(default checkpoints/routes/cross-DIRECTION-RESULTS)")
 
 
 COMMANDS: dict[str, tuple[Command, Options]] = {

@@ -9,17 +9,18 @@ from pathlib import Path
 from typing import Any
 
 from persona_probe.cli.args import Command, Options
+from persona_probe.core.paths import checkpoints_dir
 from persona_probe.pipeline.run import load_config, run_pipeline
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     overrides: dict[str, Any] = {"model": {"model": args.model}} if args.model else {}
     cfg = load_config(args.config, overrides)
+    out = Path(args.out) if args.out else checkpoints_dir() / "runs" / cfg.name  # run_pipeline's own default
     report = run_pipeline(cfg, out=args.out, log=lambda m: print(m, file=sys.stderr))
     d = report["direction"]
     best = next(s for s in d["layers"] if s["layer"] == d["best_layer"])
-    print(json.dumps({"report": str(Path(args.out) / "report.html") if args.out else
-                      f"checkpoints/runs/{cfg.name}/report.html", "best_layer": d["best_layer"],
+    print(json.dumps({"report": str(out / "report.html"), "out": str(out), "best_layer": d["best_layer"],
                       "heldout_auroc": best["auroc"], "random_auroc": best["random_auroc"]}))
     return 0
 

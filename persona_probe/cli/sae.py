@@ -1,6 +1,7 @@
 """`persona-probe sae train|diff|decompose|top-examples|steer`: thin CLI over persona_probe.sae.
 
-Each sub-command prints one JSON line of key numbers; artifacts go to --out (default checkpoints/saes/...).
+Each sub-command prints one JSON line of key numbers with the folder it wrote: --out, or by default a
+folder under the checkpoints home named from its inputs (checkpoints/saes/NAME, checkpoints/sae_diffs/...).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from persona_probe.activations.extraction import load_activations
 from persona_probe.activations.tokens import pooled_layer_rows
 from persona_probe.cli import common
 from persona_probe.cli.args import Command, Options, add_command, api_arg, dataclass_args, dataclass_from_args
-from persona_probe.cli.common import default_out, force_arg, model_args, print_line
+from persona_probe.cli.common import force_arg, model_args, out_or_default, print_line
 from persona_probe.core.errors import PersonaProbeError
 from persona_probe.core.paths import atomic_write_json
 from persona_probe.directions.derive import load_direction
@@ -51,17 +52,23 @@ def _int_list(spec: str | None, what: str) -> list[int]:
         raise PersonaProbeError(f"{what} {spec!r} must be comma-separated integers, e.g. 12,345") from None
 
 
-def _resolve_sae(spec: str) -> str:
+def _resolve_sae(spec: str, sae_id: str | None = None) -> str:
     """A folder, a name under checkpoints/saes/, or a sae-lens release (used with --sae-id)."""
     if Path(spec).expanduser().is_dir():
         return spec
     named = default_sae_dir(spec)
-    return str(named) if named.is_dir() else spec
+    if named.is_dir():
+        return str(named)
+    if sae_id is None:  # not a release either: say which folders were looked for
+        also = "" if Path(spec).is_absolute() or "/" in spec else f" (nor does {named})"
+        raise PersonaProbeError(f"--sae {spec} does not exist{also}: `persona-probe sae train` prints the folder "
+                                "it writes; a sae-lens release needs --sae-id")
+    return spec
 
 
 def _load_sae(args: argparse.Namespace, handle: Any = None) -> Any:
     layer = int(args.layer) if getattr(args, "layer", None) not in (None, "") else None
-    return load_sae(_resolve_sae(args.sae), args.sae_id, handle=handle, layer=layer, allow_other_model=args.force)
+    return load_sae(_resolve_sae(args.sae, args.sae_id), args.sae_id, handle=handle, layer=layer, allow_other_model=args.force)
 
 
 def _subset(recs: list[PromptRecord], n: int | None, seed: int) -> list[PromptRecord]:
@@ -108,7 +115,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_diff(args: argparse.Namespace) -> int:
     h = common.load_handle(args)
     sae = _load_sae(args, h)
-    out = Path(args.out) if args.out else default_out("sae_diffs", f"{args.a}-vs-{args.b}")
+    out = out_or_default(args.out, "sae_diffs", args.sae, args.a, "vs", args.b)
     xa, recs_a = _side(args.a, h, sae, args)
     xb, recs_b = _side(args.b, h, sae, args)
     labels = (args.label_a or Path(args.a).name or args.a, args.label_b or Path(args.b).name or args.b)
@@ -136,14 +143,14 @@ def cmd_diff(args: argparse.Namespace) -> int:
 
 
 def cmd_decompose(args: argparse.Namespace) -> int:
-    sae = _load_sae(args)
     d = load_direction(args.direction)
+    sae = _load_sae(args)
     if d.d_model != sae.d_in:
         raise PersonaProbeError(f"direction width {d.d_model} does not match the SAE's d_in {sae.d_in}")
     if sae.layer not in d.layers:
         raise PersonaProbeError(f"the direction has no vector at the SAE's layer {sae.layer} (layers: {d.layers})")
     dec = decompose(sae, d.at(sae.layer), _int_list(args.ks, "--ks") or list(DEFAULT_KS))
-    out = Path(args.out) if args.out else Path(args.direction) / "sae_decomposition"
+    out = out_or_default(args.out, "sae_decompositions", args.direction, args.sae)
     res = {"sae": sae.describe(), "direction": str(args.direction), "layer": sae.layer,
            "direction_best_layer": d.best_layer, **dec.to_dict(args.top)}
     atomic_write_json(out / "decomposition.json", res)
@@ -165,7 +172,7 @@ def cmd_top_examples(args: argparse.Namespace) -> int:
     sae = _load_sae(args, h)
     recs = _subset(list(load_prompts(args.prompts).records), args.max_prompts, args.seed)
     exs = top_examples(sae, h, recs, feats, n=args.n, batch_size=args.batch_size)
-    out = Path(args.out) if args.out else default_out("sae_examples", args.prompts)
+    out = out_or_default(args.out, "sae_examples", args.sae, args.prompts)
     write_top_examples(exs, out, title=f"SAE top examples ({args.prompts})")
     print_line({"out": str(out), "n_records": len(recs), "features": feats,
                 "max_act": {f: (v[0].max_act if v else 0.0) for f, v in exs.items()}})
@@ -183,10 +190,11 @@ def cmd_steer(args: argparse.Namespace) -> int:
                                    n_samples=args.samples, judge=None if args.judge == "none" else args.judge,
                                    max_new_tokens=args.max_new_tokens, unit=args.unit, seed=args.seed,
                                    batch_size=args.batch_size, force=args.force)
-    if args.out:
-        atomic_write_json(Path(args.out) / "feature_steering.json", res)
+    out = out_or_default(args.out, "sae_steer", args.sae, args.direction, f"f{args.features}")
+    atomic_write_json(out / "feature_steering.json", res)
     for c in res["cells"]:
         print_line({k: c.get(k) for k in ("condition", "layer", "alpha", "mean_projection", "kl_neutral", "em_rate")})
+    print_line({"out": str(out)})
     return 0
 
 
@@ -222,8 +230,9 @@ def _sae_options(p: argparse.ArgumentParser) -> None:
                    "corpus.jsonl with --generate 0) instead of the built-in mix")
     t.add_argument("--token-cache", default=None, help="folder to keep extracted residuals for retraining")
     t.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
-    t.add_argument("--name", default=None, help="folder name under checkpoints/saes/")
-    t.add_argument("--out", default=None, help="output folder (overrides --name)")
+    t.add_argument("--name", default=None, help="folder name under checkpoints/saes/ "
+                   "(default MODEL-LLAYER-topkK-D_SAE, e.g. smollm2-135m-instruct-L15-topk32-2048)")
+    t.add_argument("--out", default=None, help="output folder, overrides --name (default checkpoints/saes/NAME)")
     t.add_argument("--overwrite", action="store_true", help="replace an existing SAE folder")
 
     d = add_command(ss, "diff", "features that differ between two activation sets (A minus B)", cmd_diff)
@@ -238,7 +247,7 @@ def _sae_options(p: argparse.ArgumentParser) -> None:
     api_arg(d, "--top", diff_features, help="features kept per ranking")
     api_arg(d, "--examples", top_examples, "n", help="top contexts per feature for the HTML page (0 = none)")
     d.add_argument("--example-features", type=int, default=10, help="how many top features get contexts")
-    d.add_argument("--out", default=None, help="output folder (default checkpoints/sae_diffs/A-vs-B)")
+    d.add_argument("--out", default=None, help="output folder (default checkpoints/sae_diffs/SAE-A-vs-B)")
 
     c = add_command(ss, "decompose", "cosines of a direction with every decoder row + top-k reconstruction",
                     cmd_decompose)
@@ -246,7 +255,7 @@ def _sae_options(p: argparse.ArgumentParser) -> None:
     c.add_argument("--direction", required=True, help="direction folder")
     api_arg(c, "--ks", decompose, help="comma list of k for the top-k reconstruction shares")
     api_arg(c, "--top", Decomposition.to_dict, help="decoder rows listed by cosine")
-    c.add_argument("--out", default=None, help="default: DIRECTION/sae_decomposition")
+    c.add_argument("--out", default=None, help="output folder (default checkpoints/sae_decompositions/DIRECTION-SAE)")
     c.set_defaults(layer=None)
 
     e = add_command(ss, "top-examples", "top-activating contexts of features (HTML with token highlights)",
@@ -261,7 +270,7 @@ def _sae_options(p: argparse.ArgumentParser) -> None:
     e.add_argument("--top-features", type=int, default=10, help="how many features --from-diff contributes")
     api_arg(e, "--n", top_examples, help="contexts per feature")
     _prompt_subset_args(e, "")
-    e.add_argument("--out", default=None, help="output folder (default checkpoints/sae_examples/PROMPTS)")
+    e.add_argument("--out", default=None, help="output folder (default checkpoints/sae_examples/SAE-PROMPTS)")
 
     s = add_command(ss, "steer", "steer with single features vs the full direction (same α units)", cmd_steer)
     model_args(s)
@@ -277,7 +286,8 @@ def _sae_options(p: argparse.ArgumentParser) -> None:
     api_arg(s, "--judge", compare_feature_steering, help=f"{common.JUDGE_HELP} | none (no judging)")
     api_arg(s, "--batch-size", compare_feature_steering, help="generation batch size")
     api_arg(s, "--seed", compare_feature_steering, help="seed of the sampling")
-    s.add_argument("--out", default=None, help="folder for feature_steering.json")
+    s.add_argument("--out", default=None, help="folder for feature_steering.json "
+                   "(default checkpoints/sae_steer/SAE-DIRECTION-FEATURES)")
 
 
 COMMANDS: dict[str, tuple[Command, Options]] = {"sae": (cmd_sae, _sae_options)}

@@ -5,12 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 from persona_probe.cli import common
 from persona_probe.cli.args import Command, Options, api_arg
-from persona_probe.cli.common import BACKEND_HELP, force_arg, model_args
+from persona_probe.cli.common import BACKEND_HELP, force_arg, model_args, out_or_default
 from persona_probe.core.errors import PersonaProbeError
 from persona_probe.core.layers import parse_layers
 from persona_probe.directions.derive import check_direction_fits, load_direction
@@ -24,13 +23,15 @@ def _sweep(args: argparse.Namespace, mode: str) -> int:
     layers = parse_layers(args.layers, h.n_layers) if args.layers else None
     # ablate has no --alphas/--unit/--where: the sweep ignores α there and uses the API's unit/where
     extra = {k: getattr(args, k) for k in ("alphas", "unit", "where") if hasattr(args, k)}
+    out = out_or_default(args.out, mode, args.model, args.adapter, args.direction, args.questions)
     res = steering_sweep(h, d, layers=layers, questions=args.questions, n_samples=args.samples,
                          include_random=not args.no_random, judge=None if args.judge == "none" else args.judge,
                          max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
-                         batch_size=args.batch_size, backend=args.backend, mode=mode, out=args.out, force=args.force,
+                         batch_size=args.batch_size, backend=args.backend, mode=mode, out=out, force=args.force,
                          **extra)
     for c in res["cells"]:
         print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in c.items()}))
+    print(json.dumps({"out": str(out)}))
     return 0
 
 
@@ -44,12 +45,13 @@ def cmd_ablate(args: argparse.Namespace) -> int:
 
 def cmd_orthogonalize(args: argparse.Namespace) -> int:
     d = load_direction(args.direction)
-    if Path(args.out).exists():
-        raise PersonaProbeError(f"{args.out} already exists: choose a new --out (orthogonalize never overwrites)")
+    layer = d.best_layer if args.layer is None else int(args.layer)
+    target = out_or_default(args.out, "orthogonalized", args.model, args.adapter, args.direction, f"L{layer}")
+    if target.exists():
+        raise PersonaProbeError(f"{target} already exists: choose a new --out (orthogonalize never overwrites)")
     h = common.load_handle(args)
     check_direction_fits(d, h, force=args.force)
-    layer = d.best_layer if args.layer is None else int(args.layer)
-    out = save_orthogonalized(h, d.at(layer), args.out, source={**d.manifest, "layer_used": layer})
+    out = save_orthogonalized(h, d.at(layer), target, source={**d.manifest, "layer_used": layer})
     print(json.dumps({"out": str(out), "layer_used": layer}))
     return 0
 
@@ -80,7 +82,8 @@ def _sweep_options(p: argparse.ArgumentParser, steer: bool) -> None:
     api_arg(p, "--batch-size", steering_sweep, help="generation batch size")
     p.add_argument("--no-random", action="store_true", help="skip the random-direction control")
     force_arg(p)
-    p.add_argument("--out", default=None, help="output folder (cells.json, generations.jsonl, figures)")
+    p.add_argument("--out", default=None, help="output folder: cells.json, generations.jsonl, figures "
+                   f"(default checkpoints/{'steer' if steer else 'ablate'}/MODEL-DIRECTION-QUESTIONS)")
 
 
 def _orthogonalize_options(p: argparse.ArgumentParser) -> None:
@@ -88,7 +91,8 @@ def _orthogonalize_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--direction", required=True, help="direction folder")
     p.add_argument("--layer", default=None, help="which layer's direction (default: best layer)")
     force_arg(p)
-    p.add_argument("--out", required=True, help="new folder, e.g. checkpoints/models/NAME")
+    p.add_argument("--out", default=None, help="new model folder, e.g. checkpoints/models/NAME "
+                   "(default checkpoints/orthogonalized/MODEL-DIRECTION-LLAYER)")
 
 
 COMMANDS: dict[str, tuple[Command, Options]] = {

@@ -29,7 +29,14 @@ def base_manifest(kind: str, **fields: Any) -> dict[str, Any]:
 
 
 def read_manifest(folder: str | Path, kind: str | None = None) -> dict[str, Any]:
-    p = Path(folder) / MANIFEST
+    """The manifest of an artifact folder (checked to be of `kind`); a missing folder, a file, a folder
+    without a manifest and a corrupt manifest are each a one-line error saying which."""
+    f = Path(folder)
+    if not f.exists():
+        raise PersonaProbeError(f"{folder} does not exist" + (f" (expected a {kind} folder)" if kind else ""))
+    if not f.is_dir():
+        raise PersonaProbeError(f"{folder} is a file, not an artifact folder" + (f" ({kind})" if kind else ""))
+    p = f / MANIFEST
     if not p.exists():
         raise PersonaProbeError(f"{folder} has no {MANIFEST}: not a persona_probe artifact (or an interrupted write)")
     try:

@@ -10,11 +10,23 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import platformdirs
+
 
 def checkpoints_dir() -> Path:
-    """Root for cached models, activations, directions, ... (`$PERSONA_PROBE_HOME` or `./checkpoints`)."""
+    """Root for artifacts: activations, directions, runs, ... (`$PERSONA_PROBE_HOME` or `./checkpoints`)."""
     root = os.environ.get("PERSONA_PROBE_HOME")
     return Path(root).expanduser() if root else Path.cwd() / "checkpoints"
+
+
+def cache_dir() -> Path:
+    """Root for what is rebuilt identically anywhere (the embedded model, the fitted default judge), shared by
+    every working directory: `$PERSONA_PROBE_HOME/cache`, else the platform's user cache folder
+    (`~/.cache/persona-probe` on Linux, honouring `XDG_CACHE_HOME`)."""
+    root = os.environ.get("PERSONA_PROBE_HOME")
+    if root:
+        return Path(root).expanduser() / "cache"
+    return Path(platformdirs.user_cache_dir("persona-probe", appauthor=False))
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:

@@ -14,6 +14,7 @@ from persona_probe.activations.extraction import ActivationSet, extract, parse_l
 from persona_probe.core.errors import PersonaProbeError
 from persona_probe.core.paths import atomic_write_json, atomic_write_text
 from persona_probe.core.stats import pearson
+from persona_probe.core.types import LayerId
 from persona_probe.directions.derive import (
     DirectionSet,
     check_direction_fits,
@@ -23,7 +24,7 @@ from persona_probe.directions.derive import (
     unit,
 )
 from persona_probe.models.loading import ModelHandle
-from persona_probe.report.figures import heatmap_figure, write_figure
+from persona_probe.report.figures import fig_div, heatmap_figure, write_figure, write_page
 
 
 def projections(acts: ActivationSet, direction: DirectionSet, position: str = "prompt_last",
@@ -85,27 +86,100 @@ def project_prompts(handle: ModelHandle, direction: str | Path | DirectionSet, p
     return {"rows": rows, "summary": summary}
 
 
-def _parse_direction_arg(arg: str) -> tuple[str, str, str | None]:
+def parse_direction_spec(arg: str) -> tuple[str, str, str | None]:
+    """FOLDER | NAME=FOLDER | NAME=FOLDER@LAYER -> (name, folder, layer or None); name defaults to the folder's."""
     name, _, rest = arg.partition("=") if "=" in arg else (None, "", arg)
     folder, _, layer = rest.partition("@")
     return (name or Path(folder).name), folder, (layer or None)
 
 
-def compare_directions(specs: Sequence[str], *, layer: Any = None, out: str | Path | None = None) -> dict[str, Any]:
-    """Cosine matrix between directions given as FOLDER, NAME=FOLDER or NAME=FOLDER@LAYER."""
-    vecs: dict[str, Tensor] = {}
-    for s in specs:
-        name, folder, L = _parse_direction_arg(s)
-        d = load_direction(folder)
-        at = L if L is not None else layer
-        at = at if at in (None, "embed") else int(at)
-        vecs[f"{name}@{at if at is not None else d.best_layer}"] = d.at(at)
-        if d.random is not None and s == specs[0]:
-            idx = d.layers.index(at if at is not None else d.best_layer)
-            vecs[f"random-control@{at if at is not None else d.best_layer}"] = d.random[idx]
-    names, m = cosine_matrix(vecs)
-    res = {"names": names, "cosine": [[round(float(v), 4) for v in row] for row in m]}
+def _layer_id(layer: Any) -> LayerId:
+    """A layer given on the command line or in Python (15, "15", "embed") as a LayerId."""
+    if layer == "embed" or isinstance(layer, int):
+        return layer
+    try:
+        return int(layer)
+    except (TypeError, ValueError):
+        raise PersonaProbeError(f"layer {layer!r} must be an integer or 'embed'") from None
+
+
+def _layer_span(layers: Sequence[LayerId]) -> str:
+    """[embed, 0, 1, 2, 5] -> 'embed, 0-2, 5' (the layers a direction covers, for error messages)."""
+    parts: list[str] = ["embed"] if "embed" in layers else []
+    ints = sorted(L for L in layers if isinstance(L, int))
+    i = 0
+    while i < len(ints):
+        j = i
+        while j + 1 < len(ints) and ints[j + 1] == ints[j] + 1:
+            j += 1
+        parts.append(str(ints[i]) if i == j else f"{ints[i]}-{ints[j]}")
+        i = j + 1
+    return ", ".join(parts) or "none"
+
+
+def compare_directions(specs: Sequence[str], *, layer: Any = None, per_layer: bool = False,
+                       out: str | Path | None = None) -> dict[str, Any]:
+    """Cosine similarities between directions (FOLDER, NAME=FOLDER or NAME=FOLDER@LAYER), all at ONE layer.
+
+    Comparing each direction at its own selected layer would mix layers (deceptive@14 vs malicious@4 says
+    little), so every direction is taken at `layer` (default: the first direction's selected layer; a spec's
+    @LAYER pins that one direction on purpose). `per_layer=True` gives one matrix per layer every direction
+    covers instead. A direction that lacks the layer is a one-line error naming the layers it covers.
+    The first direction's random control (same norm) is included as a row. `out`: cosine.json + cosine.html.
+
+    Returns {"layer", "names", "cosine" [k][k]} or, per layer, {"layers", "names", "cosine": {layer: [k][k]}}.
+    """
+    if not specs:
+        raise PersonaProbeError("no directions to compare")
+    loaded = [(name, folder, L, load_direction(folder)) for name, folder, L in map(parse_direction_spec, specs)]
+    seen = [name for name, *_ in loaded]
+    if len(set(seen)) < len(seen):
+        raise PersonaProbeError(f"two directions are named {next(n for n in seen if seen.count(n) > 1)!r}: "
+                                "name them apart with NAME=FOLDER")
+    first = loaded[0][3]
+    if per_layer:
+        if layer is not None or any(L is not None for _, _, L, _ in loaded):
+            raise PersonaProbeError("per-layer comparison takes every shared layer: drop --layer and @LAYER")
+        layers = [L for L in first.layers if all(L in d.layers for *_, d in loaded)]
+        if not layers:
+            raise PersonaProbeError("the directions share no layer: " + "; ".join(
+                f"{name} covers {_layer_span(d.layers)}" for name, _, _, d in loaded))
+        mats = {L: _matrix(loaded, {name: L for name, *_ in loaded}) for L in layers}
+        names = mats[layers[0]][0]
+        res: dict[str, Any] = {"layers": layers, "names": names,
+                               "cosine": {str(L): _rounded(m) for L, (_, m) in mats.items()}}
+        if out:  # one page, one heatmap per layer
+            write_page(Path(out) / "cosine.html", "cosine similarity between directions, per layer",
+                       [(f"layer {L}", fig_div(heatmap_figure(names, m, f"cosine similarity at layer {L}")))
+                        for L, (_, m) in mats.items()])
+    else:
+        at = _layer_id(layer if layer is not None else (loaded[0][2] or first.best_layer))
+        chosen = {name: _layer_id(L) if L is not None else at for name, _, L, _ in loaded}
+        missing = [f"{name} has no layer {chosen[name]} (it covers {_layer_span(d.layers)})"
+                   for name, _, _, d in loaded if chosen[name] not in d.layers]
+        if missing:
+            raise PersonaProbeError(f"cannot compare at layer {at}: " + "; ".join(missing) + " (choose with --layer)")
+        names, m = _matrix(loaded, chosen, suffix=True)
+        res = {"layer": at, "names": names, "cosine": _rounded(m)}
+        if out:
+            write_figure(heatmap_figure(names, m, f"cosine similarity between directions at layer {at}"),
+                         Path(out) / "cosine.html")
     if out:
         atomic_write_json(Path(out) / "cosine.json", res)
-        write_figure(heatmap_figure(names, m, "cosine similarity between directions"), Path(out) / "cosine.html")
     return res
+
+
+def _matrix(loaded: Sequence[tuple[str, str, Any, DirectionSet]], layer_of: dict[str, LayerId], *,
+            suffix: bool = False) -> tuple[list[str], Tensor]:
+    """Names and cosine matrix of the directions at their layers (+ the first direction's random control)."""
+    vecs: dict[str, Tensor] = {}
+    for i, (name, _, _, d) in enumerate(loaded):
+        L = layer_of[name]
+        vecs[f"{name}@{L}" if suffix else name] = d.at(L)
+        if i == 0 and d.random is not None:
+            vecs[f"random-control@{L}" if suffix else "random-control"] = d.random[d.layers.index(L)]
+    return cosine_matrix(vecs)
+
+
+def _rounded(m: Tensor) -> list[list[float]]:
+    return [[round(float(v), 4) for v in row] for row in m]

@@ -5,13 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from persona_probe.directions.derive import DirectionSet, derive
-from persona_probe.core.errors import PersonaProbeError
 from persona_probe.activations.extraction import ActivationSet, extract
-from persona_probe.models.loading import ModelHandle
-from persona_probe.core.paths import checkpoints_dir
-from persona_probe.prompts.records import PromptRecord, PromptSet, contrast_questions, load_prompts, persona_records
 from persona_probe.backends.sampling import generate, with_responses
+from persona_probe.core.errors import PersonaProbeError
+from persona_probe.core.paths import checkpoints_dir
+from persona_probe.directions.derive import DirectionSet, derive
+from persona_probe.models.loading import ModelHandle
+from persona_probe.prompts.records import PromptRecord, PromptSet, contrast_questions, load_prompts, persona_records
 
 
 def _maybe_generate(handle: ModelHandle, recs: list[PromptRecord], position: str, gen: dict[str, Any],

@@ -10,8 +10,11 @@ from persona_probe.evaluation.criteria import (
     Thresholds,
     add_corrected,
     em_flags,
+    is_truncated,
     judge_error_rates,
     summarize,
+    unparsed_warning,
+    warn_if_unparsed,
 )
 from persona_probe.evaluation.evaluate import EvalResult, evaluate, judge_file, question_prompt_records, write_eval
 from persona_probe.evaluation.judging import PARTIAL, judge_rows, make_judge
@@ -19,6 +22,6 @@ from persona_probe.evaluation.serve import serve, start_server
 
 __all__ = [
     "PARTIAL", "Criterion", "EvalResult", "Thresholds", "add_corrected", "em_flags", "evaluate", "judge_error_rates",
-    "judge_file", "judge_rows", "make_judge", "question_prompt_records", "serve", "start_server", "summarize",
-    "write_eval",
+    "is_truncated", "judge_file", "judge_rows", "make_judge", "question_prompt_records", "serve", "start_server",
+    "summarize", "unparsed_warning", "warn_if_unparsed", "write_eval",
 ]

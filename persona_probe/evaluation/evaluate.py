@@ -24,6 +24,7 @@ from persona_probe.evaluation.criteria import (
     em_flags,
     judge_error_rates,
     summarize,
+    warn_if_unparsed,
 )
 from persona_probe.evaluation.judges.base import Judge, read_qa_rows
 from persona_probe.evaluation.judging import PARTIAL, gold_scores, judge_or_keep, judge_rows, judge_spec, make_judge
@@ -99,6 +100,7 @@ def evaluate(
     summary = summarize(rows, th)
     summary["judge"] = j.describe()
     add_corrected(summary, rows, summary["judge"], gold)
+    warn_if_unparsed(summary, judge if isinstance(judge, str) else None)
     manifest = base_manifest("evaluation", model=handle.info.to_dict(), n_samples=n_samples, seed=seed,
                              temperature=temperature, max_new_tokens=max_new_tokens, system=system,
                              n_history_turns=len(history), condition=condition or {}, judge=j.describe(),
@@ -112,7 +114,7 @@ def evaluate(
 def _row(s: Sample) -> dict[str, Any]:
     return {"question_id": s.labels.get("question_id", s.record_id), "record_id": s.record_id,
             "question": s.question, "system": s.system, "sample": s.sample, "answer": s.text,
-            "n_tokens": s.n_tokens, "finished": s.finished, "labels": s.labels}
+            "n_tokens": s.n_tokens, "finished": s.finished, "truncated": s.truncated, "labels": s.labels}
 
 
 def _write_answers(rows: Sequence[dict[str, Any]], out: str | Path,
@@ -165,6 +167,7 @@ def judge_file(answers: str | Path, judge: str | Judge | None = None, out: str |
     summary = summarize(judged, th)
     summary["judge"] = j.describe()
     add_corrected(summary, judged, summary["judge"])
+    warn_if_unparsed(summary, judge if isinstance(judge, str) else None)
     manifest = base_manifest("judged_answers", source=str(p), judge=j.describe())
     if folder is not None and (folder / "manifest.json").exists():  # an evaluation folder: keep what made it
         manifest = {**json.loads((folder / "manifest.json").read_text()), "judge": j.describe(),

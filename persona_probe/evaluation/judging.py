@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from persona_probe.core.errors import PersonaProbeError
 from persona_probe.core.jsonl import iter_jsonl
-from persona_probe.evaluation.criteria import Thresholds, em_flags
+from persona_probe.evaluation.criteria import Thresholds, em_flags, is_truncated
 from persona_probe.evaluation.judges.base import Judge, JudgeScore
 from persona_probe.evaluation.judges.hf_judge import HFJudge
 from persona_probe.evaluation.judges.offline import OfflineJudge
@@ -44,7 +44,8 @@ PARTIAL = "judged.partial.jsonl"  # judged-so-far rows of an interrupted judging
 def judge_rows(judge: Judge, rows: list[dict[str, Any]], th: Thresholds,
                judge_prompts: dict[str, dict[str, str]] | None = None, *, checkpoint: str | Path | None = None,
                chunk: int = 64, progress: bool = False) -> list[dict[str, Any]]:
-    """Add aligned/coherent/refusal/code/counted/em to rows with `question` and `answer`.
+    """Add aligned/coherent/refusal/code/counted/em to rows with `question` and `answer` (a `truncated` row is
+    flagged, and not counted for EM when `th.include_truncated` is False).
 
     Rows are grouped by their question's judge prompts (question files may bring their own). With
     `checkpoint` (a folder), each judged chunk is appended to `judged.partial.jsonl` there and rows already
@@ -95,7 +96,7 @@ def judge_rows(judge: Judge, rows: list[dict[str, Any]], th: Thresholds,
         s = JudgeScore(**d)
         out[i].update(aligned=s.aligned, coherent=s.coherent, refusal=s.refusal, code=s.code, judge_raw=s.raw,
                       metrics=s.metrics)
-        out[i].update(em_flags(s, th))
+        out[i].update(em_flags(s, th, truncated=is_truncated(rows[i])))
     return out
 
 

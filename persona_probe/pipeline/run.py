@@ -25,6 +25,7 @@ from persona_probe.pipeline.route_stage import run_route_stage
 from persona_probe.pipeline.sae_stage import run_sae_stage
 from persona_probe.pipeline.stage import Stage, stage_key
 from persona_probe.prompts.questions import as_questions
+from persona_probe.report.figures import write_plotlyjs
 from persona_probe.report.page import write_report
 
 __all__ = ["load_config", "run_pipeline"]
@@ -37,6 +38,7 @@ def run_pipeline(config: PipelineConfig | dict[str, Any] | None = None, *, out: 
     cfg = config if isinstance(config, PipelineConfig) else from_dict(config or {})
     root = Path(out) if out else checkpoints_dir() / "runs" / cfg.name
     root.mkdir(parents=True, exist_ok=True)
+    write_plotlyjs(root)  # one plotly.js for every stage page of the run (report.html itself stays one file)
     t0 = time.time()
     m = cfg.model
     handle = load_model(m.model, adapter=m.adapter, device=m.device, dtype=m.dtype)

@@ -1,5 +1,9 @@
-"""Plotly figures (self-contained HTML) for directions, comparisons, steering and evaluation, and the escaped
-HTML page they go in."""
+"""Plotly figures for directions, comparisons, steering and evaluation, and the escaped HTML page they go in.
+
+plotly.js (~4.6 MB) is written once per folder as `plotly.min.js` and every page there loads it (a page in a
+subfolder of a folder that has one, e.g. a run folder's stage, loads the parent's); `self_contained=True`
+inlines it instead, for a page that must stay one file (the run's report.html).
+"""
 
 from __future__ import annotations
 
@@ -14,10 +18,35 @@ from plotly.subplots import make_subplots
 
 from persona_probe.core.paths import atomic_write_text
 
+PLOTLY_JS = "plotly.min.js"
 
-def write_figure(fig: go.Figure, path: str | Path, include_plotlyjs: bool | str = True) -> Path:
-    """Write a figure as standalone HTML (plotly.js inlined so it opens offline)."""
-    return atomic_write_text(path, fig.to_html(full_html=True, include_plotlyjs=include_plotlyjs))
+
+def write_plotlyjs(folder: str | Path) -> Path:
+    """`folder/plotly.min.js`: the installed plotly's, written only when missing or different."""
+    js = plotly.offline.get_plotlyjs()
+    path = Path(folder) / PLOTLY_JS
+    if not (path.is_file() and path.stat().st_size == len(js.encode("utf-8"))):
+        atomic_write_text(path, js)
+    return path
+
+
+def plotlyjs_src(page: str | Path) -> str:
+    """The plotly.min.js a page at `page` loads, relative to it: its parent folder's when that folder has one
+    (a run folder: one copy for all its stages), else its own folder's, written now if missing."""
+    folder = Path(page).parent
+    if not (folder / PLOTLY_JS).is_file() and (folder.parent / PLOTLY_JS).is_file():
+        return f"../{PLOTLY_JS}"
+    write_plotlyjs(folder)
+    return PLOTLY_JS
+
+
+def write_figure(fig: go.Figure, path: str | Path, *, self_contained: bool = False) -> Path:
+    """Write a figure as an HTML page that opens offline: it loads plotly.min.js from beside it (written once
+    per folder, see `plotlyjs_src`), or inlines plotly.js with `self_contained=True`."""
+    if self_contained:
+        return atomic_write_text(path, fig.to_html(full_html=True, include_plotlyjs=True))
+    # a string ending in .js: plotly writes a <script src> tag for that (relative) URL
+    return atomic_write_text(path, fig.to_html(full_html=True, include_plotlyjs=plotlyjs_src(path)))
 
 
 # one colour per condition, the same in every subplot and every figure
@@ -82,17 +111,30 @@ PAGE_CSS = ("body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em a
             "vertical-align:top}th{background:#f3f3f3}pre{white-space:pre-wrap}")
 _PAGE = TEMPLATES.from_string(
     "<!DOCTYPE html><html><head><meta charset='utf-8'><title>{{ title }}</title>"
-    "<script type='text/javascript'>{{ js|safe }}</script><style>{{ css|safe }}</style></head>"
+    "{% if src %}<script charset='utf-8' src='{{ src }}'></script>"
+    "{% else %}<script type='text/javascript'>{{ js|safe }}</script>{% endif %}<style>{{ css|safe }}</style></head>"
     "<body><h1>{{ title }}</h1>\n"
     "{% for heading, content in sections %}{% if not loop.first %}\n{% endif %}"
     "<section><h2>{{ heading }}</h2>\n{{ content|safe }}\n</section>{% endfor %}"
     "\n</body></html>")
 
 
-def html_page(title: str, sections: Sequence[tuple[str, str]]) -> str:
-    """A self-contained HTML page: sections are (heading text, body HTML) pairs; plotly.js is inlined once.
+def html_page(title: str, sections: Sequence[tuple[str, str]], *, self_contained: bool = True,
+              plotlyjs: str = PLOTLY_JS) -> str:
+    """An HTML page: sections are (heading text, body HTML) pairs. plotly.js is inlined once
+    (`self_contained`), or loaded from `plotlyjs` (a URL relative to the page; `write_page` writes the file).
     The title and headings are escaped; the bodies are HTML."""
-    return _PAGE.render(title=title, sections=sections, js=plotly.offline.get_plotlyjs(), css=PAGE_CSS)
+    if self_contained:
+        return _PAGE.render(title=title, sections=sections, src=None, js=plotly.offline.get_plotlyjs(), css=PAGE_CSS)
+    return _PAGE.render(title=title, sections=sections, src=plotlyjs, js="", css=PAGE_CSS)
+
+
+def write_page(path: str | Path, title: str, sections: Sequence[tuple[str, str]], *,
+               self_contained: bool = False) -> Path:
+    """`html_page` written to `path`, loading plotly.min.js from beside it unless `self_contained`."""
+    if self_contained:
+        return atomic_write_text(path, html_page(title, sections))
+    return atomic_write_text(path, html_page(title, sections, self_contained=False, plotlyjs=plotlyjs_src(path)))
 
 
 def fig_div(fig: go.Figure) -> str:
@@ -104,9 +146,9 @@ def em_bar_figure(summary: dict[str, Any], title: str = "EM rate per question (W
     """Per-question EM rate bars with interval error bars, plus mean aligned/coherent."""
     pq = summary["per_question"]
     qs = list(pq)
-    rate = [pq[q]["em_rate"] or 0.0 for q in qs]
-    lo = [r - pq[q]["em_ci95"][0] for q, r in zip(qs, rate)]
-    hi = [pq[q]["em_ci95"][1] - r for q, r in zip(qs, rate)]
+    rate = [pq[q]["em_rate"] for q in qs]  # None (no counted answer) leaves a gap, never a 0 bar
+    lo = [0.0 if r is None else r - pq[q]["em_ci95"][0] for q, r in zip(qs, rate)]
+    hi = [0.0 if r is None else pq[q]["em_ci95"][1] - r for q, r in zip(qs, rate)]
     fig = make_subplots(rows=1, cols=2, subplot_titles=("EM rate", "mean aligned / coherent"))
     fig.add_trace(go.Bar(x=qs, y=rate, error_y={"type": "data", "symmetric": False, "array": hi, "arrayminus": lo},
                          name="EM rate"), 1, 1)

@@ -17,8 +17,8 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from persona_probe.core.artifacts import write_manifest
-from persona_probe.core.paths import atomic_write_json, atomic_write_text
-from persona_probe.report.figures import fig_div, html_page, write_figure
+from persona_probe.core.paths import atomic_write_json
+from persona_probe.report.figures import fig_div, write_figure, write_page
 
 EM_KEYS = ("em_in_domain", "em_ood", "em_in_domain_triggered", "em_ood_triggered")
 
@@ -142,5 +142,5 @@ def write_experiment(result: dict[str, Any], out: Path, curves: dict[str, Any]) 
     notes = f"{json.dumps(result['manifest'], indent=1, default=str)}\n\n{result['budget_note']}"
     sections = [("Table", table_html(result["rows"]))] + [(n, fig_div(f)) for n, f in figs.items()]
     sections.append(("Notes", f"<pre>{html.escape(notes, quote=False)}</pre>"))
-    atomic_write_text(out / "table.html", html_page("Model organisms: character vs incorrect vs aligned", sections))
+    write_page(out / "table.html", "Model organisms: character vs incorrect vs aligned", sections)
     write_manifest(out, result["manifest"])

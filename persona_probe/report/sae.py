@@ -18,7 +18,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from persona_probe.core.paths import atomic_write_json, atomic_write_text
-from persona_probe.report.figures import fig_div, html_page
+from persona_probe.report.figures import PLOTLY_JS, fig_div, html_page, plotlyjs_src
 
 
 class ExampleLike(Protocol):
@@ -78,9 +78,11 @@ def _highlight(ex: ExampleLike, scale: float) -> str:
 
 
 def top_examples_html(examples: Mapping[int, Sequence[ExampleLike]], title: str = "SAE feature top examples",
-                      notes: Mapping[int, str] | None = None, figure: go.Figure | None = None) -> str:
-    """Self-contained page: per feature, its top contexts with background colour ∝ activation (max = the
-    feature's strongest activation among the shown examples; hover a token for its value)."""
+                      notes: Mapping[int, str] | None = None, figure: go.Figure | None = None, *,
+                      self_contained: bool = True, plotlyjs: str = PLOTLY_JS) -> str:
+    """Page: per feature, its top contexts with background colour ∝ activation (max = the feature's strongest
+    activation among the shown examples; hover a token for its value). Self-contained, or loading plotly.js
+    from `plotlyjs` (see `html_page`)."""
     sections: list[tuple[str, str]] = []
     if figure is not None:
         sections.append(("overview", fig_div(figure)))
@@ -93,7 +95,7 @@ def top_examples_html(examples: Mapping[int, Sequence[ExampleLike]], title: str 
                  f"font-size:13px'><b>{e.max_act:.2f}</b> <i>{html.escape(e.record_id)}</i><br>"
                  f"{_highlight(e, scale)}</div>" for e in exs]
         sections.append((f"feature {int(f)}", "\n".join(body)))
-    return html_page(title, sections)
+    return html_page(title, sections, self_contained=self_contained, plotlyjs=plotlyjs)
 
 
 def _example_dict(e: Any) -> dict[str, Any]:
@@ -101,11 +103,15 @@ def _example_dict(e: Any) -> dict[str, Any]:
 
 
 def write_top_examples(examples: Mapping[int, Sequence[ExampleLike]], out: str | Path, **kw: Any) -> Path:
-    """top_examples.html + top_examples.json under folder `out`; `kw` goes to `top_examples_html`."""
+    """top_examples.html (loading the folder's plotly.min.js unless `self_contained=True`) + top_examples.json
+    under folder `out`; `kw` goes to `top_examples_html`."""
     o = Path(out)
     atomic_write_json(o / "top_examples.json",
                       {str(f): [_example_dict(e) for e in exs] for f, exs in examples.items()})
-    return atomic_write_text(o / "top_examples.html", top_examples_html(examples, **kw))
+    page = o / "top_examples.html"
+    if not kw.get("self_contained", False):
+        kw.update(self_contained=False, plotlyjs=plotlyjs_src(page))
+    return atomic_write_text(page, top_examples_html(examples, **kw))
 
 
 def sae_section_html(source: str, layer: Any, d_sae: int, shares: Mapping[str, float],

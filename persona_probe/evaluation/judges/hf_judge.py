@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from persona_probe.core.errors import PersonaProbeError
 from persona_probe.evaluation.judges.base import DEFAULT_JUDGE_PROMPTS, Judge, JudgeScore, metric_value, prompt_keys
@@ -58,7 +59,9 @@ class HFJudge(Judge):
     name = "hf"
 
     def __init__(self, model: ModelHandle | str, *, device: str | None = None, dtype: str | None = None,
-                 batch_size: int = 8, top_k: int = 20, min_mass: float = 0.25, max_new_tokens: int = 6) -> None:
+                 batch_size: int = 8, top_k: int = 20, min_mass: float = 0.25, max_new_tokens: int = 6,
+                 progress: bool = True) -> None:
+        self.progress = progress  # a bar over the judge prompts of each call
         self.handle = model if isinstance(model, ModelHandle) else load_model(model, device=device, dtype=dtype)
         self.batch_size = max(1, int(batch_size))
         self.top_k = int(top_k)
@@ -116,8 +119,11 @@ class HFJudge(Judge):
         names = prompt_keys(judge_prompts)  # every judge prompt of the question is scored
         prompts = [templates[k].format(question=q, answer=a) for q, a in items for k in names]
         results: list[dict[str, Any]] = []
-        for i in range(0, len(prompts), self.batch_size):
-            results.extend(self._judge_batch(prompts[i:i + self.batch_size]))
+        with tqdm(total=len(prompts), desc="judge prompts (hf)", unit="prompt", leave=False,
+                  disable=not self.progress or len(prompts) <= self.batch_size) as bar:
+            for i in range(0, len(prompts), self.batch_size):
+                results.extend(self._judge_batch(prompts[i:i + self.batch_size]))
+                bar.update(len(prompts[i:i + self.batch_size]))
         scores = []
         for j in range(len(items)):
             raw = dict(zip(names, results[j * len(names):(j + 1) * len(names)]))

@@ -38,11 +38,12 @@ from sklearn.feature_extraction.text import HashingVectorizer
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import normalize
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from persona_probe.core.artifacts import base_manifest, load_tensors, save_tensors
 from persona_probe.core.errors import PersonaProbeError
 from persona_probe.core.jsonl import iter_jsonl
-from persona_probe.core.paths import atomic_write_json, checkpoints_dir
+from persona_probe.core.paths import atomic_write_json, cache_dir, checkpoints_dir
 from persona_probe.core.splits import grouped_folds
 from persona_probe.evaluation.judges.base import Judge, JudgeScore
 from persona_probe.evaluation.judges.validation import LabelAgreement
@@ -60,6 +61,12 @@ HEADS = ("misaligned", "coherent", "refusal")
 LABEL_FILES = (("judge", "labelled_responses.jsonl"),)
 LABEL_DIRS = (("judge", "v3"),)
 VALIDATION_FILE = ("judge", "validation.json")
+
+
+def judge_cache_path(key: str) -> Path:
+    """Where the offline judge fitted on labels is cached: `cache_dir()/judges/<key>`, shared by every
+    working directory."""
+    return cache_dir() / "judges" / key
 
 
 def embedder_path() -> Path:
@@ -259,7 +266,7 @@ def packaged_label_rows() -> list[dict[str, Any]]:
 class OfflineJudge(Judge):
     """Fitted logistic heads over text features (see the module doc).
 
-    OfflineJudge()                 the default: fitted on persona_probe's labels, cached in the checkpoints home
+    OfflineJudge()                 the default: fitted on persona_probe's labels once, kept in the user cache
     OfflineJudge(labels_path=F)    fitted on other labels (cached by their hash)
     OfflineJudge.fit(F, DIR)       fit and write a judge; OfflineJudge.load(DIR) reads it (`--judge offline:DIR`)
     """
@@ -271,10 +278,12 @@ class OfflineJudge(Judge):
         self._setup(seed, features)
         rows = read_label_rows(labels_path) if labels_path else packaged_label_rows()
         labels = rows_to_labels(rows, source=str(labels_path or "persona_probe labels"))
-        cache = Path(cache_dir) if cache_dir else (checkpoints_dir() / "judges" / f"offline-{labels.hash}-"
-                                                   f"{features}-v{FEATURES_VERSION}")
-        if not self._try_load(cache, labels.hash):
-            self.fit_labels(labels, cache, labels_source=str(labels_path or "persona_probe"))
+        key = f"offline-{labels.hash}-{features}-v{FEATURES_VERSION}"
+        # a fitted judge is a pure function of (labels, features, version): fitted once per user, not per folder;
+        # one fitted by an earlier version under the checkpoints home is reused
+        places = [Path(cache_dir)] if cache_dir else [judge_cache_path(key), checkpoints_dir() / "judges" / key]
+        if not any(self._try_load(p, labels.hash) for p in places):
+            self.fit_labels(labels, places[0], labels_source=str(labels_path or "persona_probe"))
         self.default = labels_path is None and features == "ngram"
 
     def _setup(self, seed: int, features: str) -> None:
@@ -316,7 +325,10 @@ class OfflineJudge(Judge):
         if progress:
             print(f"persona_probe: fitting the offline judge ({self.feature_set} features) on {len(labels.items)} "
                   f"labelled answers (once; cached in {out})", file=sys.stderr)
+        bar = tqdm(total=len(HEADS) * (N_FOLDS + 1) + 1, desc="fitting the offline judge", unit="fit",
+                   disable=not progress)
         x, xc = self.features(labels.items)
+        bar.update(1)
         folds = np.array(grouped_folds(labels.groups, N_FOLDS, self.seed))
         targets = {"misaligned": labels.misaligned, "coherent": labels.coherent, "refusal": labels.refusal}
         inputs = {"misaligned": x, "coherent": xc, "refusal": x}
@@ -334,10 +346,13 @@ class OfflineJudge(Judge):
                 if te.any() and len(set(y[tr].tolist())) == 2:
                     prob[te] = LogisticRegression(C=C_REG, class_weight="balanced", max_iter=3000) \
                         .fit(X[tr], y[tr]).predict_proba(X[te])[:, 1]
+                bar.update(1)
             cv_prob[name] = prob
             clf = LogisticRegression(C=C_REG, class_weight="balanced", max_iter=3000).fit(X[ok], y[ok])
+            bar.update(1)
             self.heads[name] = (torch.tensor(clf.coef_[0], dtype=torch.float32),
                                 torch.tensor(clf.intercept_, dtype=torch.float32))
+        bar.close()
         self.agreement = self._cv_agreement(labels, cv_prob)
         self.labels_hash = labels.hash
         save_tensors(out / "heads.safetensors", {f"{k}.{p}": t for k, (w, b) in self.heads.items()

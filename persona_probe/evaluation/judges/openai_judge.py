@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import openai
+from tqdm.auto import tqdm
 
 from persona_probe.core.errors import PersonaProbeError
 from persona_probe.core.jsonl import iter_jsonl
@@ -123,8 +124,9 @@ class OpenAIJudge(Judge):
 
     def __init__(self, model: str, base_url: str | None = None, api_key: str | None = None,
                  cache_dir: str | Path | None = None, max_retries: int = 4, backoff: float = 1.0,
-                 timeout: float = 60, concurrency: int = 4) -> None:
+                 timeout: float = 60, concurrency: int = 4, progress: bool = True) -> None:
         self.model = model
+        self.progress = progress  # a bar over the HTTP requests of each batch (they take seconds each)
         self.base_url = (base_url or os.environ.get("OPENAI_BASE_URL") or OPENAI_URL).rstrip("/")
         self.api_key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY", "")
         if not self.api_key and self.base_url == OPENAI_URL:
@@ -244,8 +246,13 @@ class OpenAIJudge(Judge):
                 stop.set()
                 raise
 
+        bar = tqdm(total=len(missing), desc=f"judge requests ({self.model})", unit="request", leave=False,
+                   disable=not self.progress or len(missing) < 2)
         with ThreadPoolExecutor(max_workers=min(self.concurrency, len(missing))) as pool:
             futures = [pool.submit(task, prompt, key) for key, prompt in missing.items()]
+            for f in futures:
+                f.add_done_callback(lambda _f: bar.update(1))
+        bar.close()
         for f in futures:
             if f.exception() is not None:
                 raise f.exception()  # type: ignore[misc]

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from persona_probe.core.errors import PersonaProbeError
 from persona_probe.core.paths import atomic_write_json, atomic_write_text
 from persona_probe.evaluation.judges.base import Judge, JudgeScore, read_qa_rows
+from persona_probe.report.figures import plotlyjs_src
 
 METRICS = ("aligned", "coherent")
 GROUP_FIELDS = ("repository", "source", "model")
@@ -311,7 +312,7 @@ def write_validation(res: ValidationResult, out: str | Path) -> Path:
     judge_rows = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(json.dumps(v, default=str)) if isinstance(v, (dict, list)) else _fmt(v)}</td></tr>"
                          for k, v in res.judge.items())
     groups = "".join(f"<h2>per {html.escape(g)}</h2>" + _agreement_table(d, g) for g, d in res.per_group.items())
-    fig = calibration_figure(res).to_html(full_html=False, include_plotlyjs=True)
+    fig = calibration_figure(res).to_html(full_html=False, include_plotlyjs=plotlyjs_src(o / "validation.html"))
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>judge validation</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}table{{border-collapse:collapse;margin:1em 0}}
 td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}th{{background:#f4f4f4}}</style></head><body>
