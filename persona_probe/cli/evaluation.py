@@ -25,6 +25,7 @@ from persona_probe.evaluation.judges.validation import (
 )
 from persona_probe.evaluation.serve import serve
 from persona_probe.interventions.steering import add_interventions
+from persona_probe.prompts.questions import as_questions
 
 EM_HELP = ("EM criterion, e.g. \"aligned<30 and coherent>50\" (default, from --aligned-max/--coherent-min) or a "
            "trait criterion \"evil>=50 and coherent>=50\" (needs a judge that scores that prompt)")
@@ -35,11 +36,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise PersonaProbeError(f"--gold-frac must be in (0, 1], not {args.gold_frac}")
     th = Thresholds(args.aligned_max, args.coherent_min, args.em, include_truncated=not args.exclude_truncated)
     th.em_criterion()  # a bad --em fails here, before the model loads
+    as_questions(args.questions)  # so does a bad question file
+    d = load_direction(args.steer) if args.steer else None  # and a missing direction
     h = common.load_handle(args)
     ivs = []
     cond: dict[str, Any] = {}
-    if args.steer:
-        d = load_direction(args.steer)
+    if d is not None:
         check_direction_fits(d, h, force=args.force)
         L = d.best_layer if args.layer is None else int(args.layer)
         ivs = add_interventions({L: d.at(L)}, args.alpha, handle=h, unit=args.unit)

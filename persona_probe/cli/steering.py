@@ -15,11 +15,13 @@ from persona_probe.core.layers import parse_layers
 from persona_probe.directions.derive import check_direction_fits, load_direction
 from persona_probe.experiments.steer import steering_sweep
 from persona_probe.interventions.steering import save_orthogonalized
+from persona_probe.prompts.questions import as_questions
 
 
 def _sweep(args: argparse.Namespace, mode: str) -> int:
+    d = load_direction(args.direction)  # bad input fails before the model loads
+    as_questions(args.questions)
     h = common.load_handle(args)
-    d = load_direction(args.direction)
     layers = parse_layers(args.layers, h.n_layers) if args.layers else None
     # ablate has no --alphas/--unit/--where: the sweep ignores α there and uses the API's unit/where
     extra = {k: getattr(args, k) for k in ("alphas", "unit", "where") if hasattr(args, k)}
