@@ -121,8 +121,8 @@ def _one_line(e: ValidationError) -> str:
     section = _SECTIONS.get(loc[0]) if len(loc) > 1 else None
     key = ".".join(loc[:2] if section else loc[:1])
     if err["type"] in ("unexpected_keyword_argument", "extra_forbidden"):
-        known = ", ".join(f.name for f in dataclasses.fields(section)) if section else ""
-        return f"unknown config key {key!r}" + (f": known keys of {loc[0]!r} are {known}" if known else "")
+        known = ", ".join(sorted(f.name for f in dataclasses.fields(section or PipelineConfig)))
+        return f"unknown config key {key!r}: known keys" + (f" of {loc[0]!r}" if section else "") + f" are {known}"
     more = f" (+{len(errs) - 1} more)" if len({e_['loc'][:2] for e_ in errs}) > 1 else ""
     return f"config key {key!r}: {err['msg']} (got {err.get('input')!r}){more}"
 
@@ -131,10 +131,6 @@ def from_dict(d: dict[str, Any]) -> PipelineConfig:
     """Build a validated config from a (partial) mapping; defaults fill what is missing."""
     if not isinstance(d, dict):
         raise PersonaProbeError("expected a mapping of settings")
-    known = {f.name for f in dataclasses.fields(PipelineConfig)}
-    for k in d:  # the top level first, so the message lists the valid keys
-        if k not in known:
-            raise PersonaProbeError(f"unknown config key {k!r}: known keys are {', '.join(sorted(known))}")
     merged = _merge(PipelineConfig().to_dict(), d)
     try:
         return PipelineConfig(**{k: v for k, v in merged.items()})
