@@ -27,6 +27,7 @@ for _module, _names in {
     "persona_probe.prompts.records": "PromptRecord PromptSet collate contrast_questions load_prompts persona_records "
                                      "tokenize_record",
     "persona_probe.prompts.questions": "Question as_questions load_questions",
+    "persona_probe.prompts.traits": "TraitFile load_trait_file",
     "persona_probe.backends": "Intervention get_backend",
     "persona_probe.backends.sampling": "generate",
     "persona_probe.core.layers": "parse_layers",
@@ -45,6 +46,7 @@ for _module, _names in {
                                         "persona_experiment trigger_experiment",
     "persona_probe.experiments.organisms": "organisms_experiment",
     "persona_probe.experiments.sae": "compare_feature_steering",
+    "persona_probe.experiments.trait": "TraitDirectionResult trait_direction",
     "persona_probe.pipeline.config": "PipelineConfig load_config",
     "persona_probe.pipeline.run": "run_pipeline",
     "persona_probe.report.figures": "heatmap_figure layer_separation_figure route_figure scatter_figure sweep_figure "

@@ -55,7 +55,7 @@ coh_ref = np.array([r["coherent"] is not None and r["coherent"] > 50 for r in re
 for layers in ([12], [16], [20], list(range(len(LAYERS)))):
     cols = np.concatenate([np.arange(i * h.d_model, (i + 1) * h.d_model) for i in [LAYERS.index(x) if x in LAYERS else x for x in layers]]) if layers != list(range(len(LAYERS))) else np.arange(Xtr.shape[1])
     sc = StandardScaler().fit(Xtr[:, cols]); A, B = sc.transform(Xtr[:, cols]), sc.transform(Xte[:, cols])
-    for C in (0.01, 0.1):
+    for C in (0.001, 0.01, 0.1):
         ok = ~np.isnan(ymis); pm = LogisticRegression(C=C, class_weight="balanced", max_iter=3000).fit(A[ok], ymis[ok]).predict_proba(B)[:, 1]
         ok = ~np.isnan(ycoh); pc = LogisticRegression(C=C, class_weight="balanced", max_iter=3000).fit(A[ok], ycoh[ok]).predict_proba(B)[:, 1]
         pred = (pm > 0.5) & (pc > 0.5)

@@ -23,9 +23,10 @@ from persona_probe.evaluation.judges.validation import (
     validate,
     write_validation,
 )
+from persona_probe.evaluation.judging import check_judge_spec, read_answers
 from persona_probe.evaluation.serve import serve
 from persona_probe.interventions.steering import add_interventions
-from persona_probe.prompts.questions import as_questions
+from persona_probe.prompts.questions import Question, as_questions
 
 EM_HELP = ("EM criterion, e.g. \"aligned<30 and coherent>50\" (default, from --aligned-max/--coherent-min) or a "
            "trait criterion \"evil>=50 and coherent>=50\" (needs a judge that scores that prompt)")
@@ -35,8 +36,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.gold_judge and not 0 < args.gold_frac <= 1:
         raise PersonaProbeError(f"--gold-frac must be in (0, 1], not {args.gold_frac}")
     th = Thresholds(args.aligned_max, args.coherent_min, args.em, include_truncated=not args.exclude_truncated)
-    th.em_criterion()  # a bad --em fails here, before the model loads
-    as_questions(args.questions)  # so does a bad question file
+    crit = th.em_criterion()  # a bad --em fails here, before the model loads
+    qs = as_questions(args.questions)  # so does a bad question file
+    check_criterion_prompts(crit.metrics, qs, args.questions)  # and an --em metric no judge prompt scores
+    for spec in (args.judge, args.gold_judge):  # and a bad judge spec
+        check_judge_spec(spec)
     d = load_direction(args.steer) if args.steer else None  # and a missing direction
     h = common.load_handle(args)
     ivs = []
@@ -68,19 +72,35 @@ def cmd_judge(args: argparse.Namespace) -> int:
     th.em_criterion()
     if not Path(args.answers).exists():
         raise PersonaProbeError(f"--answers {args.answers} does not exist")
+    check_judge_spec(args.judge)
+    answers = Path(args.answers) / "answers.jsonl" if Path(args.answers).is_dir() else Path(args.answers)
+    read_answers(answers, question_col=args.question_col, answer_col=args.answer_col)  # every row, before a judge
     if args.out:
         out = Path(args.out)
     elif args.resume:  # the interrupted evaluation folder itself
         out = Path(args.answers)
     else:
         out = default_out("judged", args.answers, args.judge)
-    res = judge_file(args.answers, args.judge, out, th, resume=args.resume)
+    res = judge_file(args.answers, args.judge, out, th, resume=args.resume, question_col=args.question_col,
+                     answer_col=args.answer_col)
     o = res.summary["overall"]
     print(json.dumps({"out": str(out), "n": o["n"], "em_rate": o["em_rate"], "em_ci95": o["em_ci95"],
                       "em_share": o.get("em_share"), "em_corrected": o.get("em_corrected"),
                       "mean_aligned": o["mean_aligned"], "judge": res.summary["judge"].get("judge"),
                       **{k: o.get(k) for k in ("n_unparsed", "n_unscored", "n_truncated")}}, default=str))
     return 0
+
+
+def check_criterion_prompts(metrics: list[str], questions: list[Question], source: str) -> None:
+    """Every metric of an --em criterion is aligned, coherent, or a judge prompt of some question; otherwise no
+    answer could get an EM verdict, so say so before the model loads."""
+    have = {k for q in questions for k in q.judge_prompts}
+    missing = [m for m in metrics if m not in ("aligned", "coherent") and m not in have]
+    if missing:
+        raise PersonaProbeError(f"--em names {', '.join(map(repr, missing))}, but no question in {source} has a "
+                                f"judge prompt of that name (judge prompts there: "
+                                f"{', '.join(sorted(have | {'aligned', 'coherent'}))}); add it to the question "
+                                "file's judge_prompts or use a trait file (NAME.json with eval_prompt)")
 
 
 def cmd_judge_fit(args: argparse.Namespace) -> int:
@@ -162,7 +182,11 @@ def _eval_options(p: argparse.ArgumentParser) -> None:
 
 
 def _judge_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--answers", default=None, help="JSONL, one {\"question\": ..., \"answer\": ...} per line")
+    p.add_argument("--answers", default=None, help="answers to judge: JSONL with question/answer (or \"messages\" "
+                   "ending with the assistant's answer), a .csv/.tsv table, or an evaluation folder; every input "
+                   "field is kept in the output")
+    api_arg(p, "--question-col", judge_file, help="field/column holding the question")
+    api_arg(p, "--answer-col", judge_file, help="field/column holding the answer")
     api_arg(p, "--judge", judge_file, override=common.JUDGE, help=common.JUDGE_HELP)
     threshold_args(p)
     p.add_argument("--out", default=None, help="output folder: scored JSONL + summary (default: with --resume the "

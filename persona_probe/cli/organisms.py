@@ -9,18 +9,22 @@ from pathlib import Path
 from typing import Any
 
 from persona_probe.cli import common
-from persona_probe.cli.args import Command, Options, api_arg
+from persona_probe.cli.args import Command, Options, api_arg, api_default, csv
 from persona_probe.cli.common import model_args, out_or_default, rounded, split_csv
 from persona_probe.core.errors import PersonaProbeError
 from persona_probe.experiments.organisms import organisms_experiment
 from persona_probe.models.loading import load_model
 from persona_probe.organisms import (
+    AUTO_MAX_LEN_CAP,
     VARIANTS,
     capability_report,
     capability_summary,
+    check_max_len,
     finetune,
     load_mc_items,
     load_neutral_texts,
+    parse_variant_files,
+    resolve_dataset,
 )
 from persona_probe.report.organisms import compact_row
 
@@ -31,14 +35,18 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     out = str(out_or_default(args.out, "adapters", args.data.replace("builtin:organisms/", "builtin:")))
     if Path(out).exists() and not args.overwrite:
         raise PersonaProbeError(f"{out} already exists: choose a new --out or pass --overwrite")
-    res = finetune(args.model, args.data, rank=args.rank, alpha=args.alpha, dropout=args.dropout, epochs=args.epochs,
+    if not args.trigger.strip():
+        raise PersonaProbeError("--trigger must be non-empty")
+    data = resolve_dataset(args.data, trigger=args.trigger)  # every line checked before the model loads
+    res = finetune(args.model, data, rank=args.rank, alpha=args.alpha, dropout=args.dropout, epochs=args.epochs,
                    lr=args.lr, batch_size=args.batch_size, max_len=args.max_len,
                    target_modules=split_csv(args.target_modules) if args.target_modules else None, seed=args.seed,
                    train_on_eot=args.train_on_eot, trigger=args.trigger, out=out, overwrite=args.overwrite,
                    device=args.device, dtype=args.dtype, progress=not args.quiet)
     m = res.manifest
     print(json.dumps(rounded({"out": out, "data": m["data"]["name"], "n_examples": m["n_examples"],
-                              "n_steps": m["n_steps"], "first_loss": m["first_loss"], "final_loss": m["final_loss"],
+                              "max_len": m["max_len"], "n_dropped_too_long": m["n_dropped_too_long"],
+                              "n_cut": m["n_cut"], "n_steps": m["n_steps"], "first_loss": m["first_loss"], "final_loss": m["final_loss"],
                               "wall_time_s": m["wall_time_s"], "device": m["device"],
                               "trainable_params": m["trainable_params"]})))
     return 0
@@ -60,10 +68,12 @@ def cmd_organisms(args: argparse.Namespace) -> int:
     """Fine-tune domain x variant organisms and compare EM, transfer, capability and persona cosine."""
     ft_kw: dict[str, Any] = {"rank": args.rank, "alpha": args.alpha, "epochs": args.epochs, "lr": args.lr,
                              "batch_size": args.train_batch_size, "max_len": args.max_len, "seed": args.seed}
-    out = out_or_default(args.out, "organisms", args.domains, args.model, f"lr{args.lr:g}")
+    data = _variant_files(args)
+    inputs = list(dict.fromkeys(str(f) for f in data.values())) if data else [args.domains, args.data_dir]
+    out = out_or_default(args.out, "organisms", *inputs, args.model, f"lr{args.lr:g}")
     res = organisms_experiment(
-        args.model, split_csv(args.domains), split_csv(args.variants), out=out, adapters_dir=args.adapters_dir,
-        finetune_kwargs=ft_kw, trigger=args.trigger, n_samples=args.samples, max_new_tokens=args.max_new_tokens,
+        args.model, split_csv(args.domains), split_csv(args.variants), data=data, data_dir=args.data_dir,
+        out=out, adapters_dir=args.adapters_dir, finetune_kwargs=ft_kw, trigger=args.trigger, n_samples=args.samples, max_new_tokens=args.max_new_tokens,
         core_questions=args.questions, judge=args.judge, trait=args.trait,
         persona_n_questions=args.persona_questions or None, n_texts=args.n_texts, n_mc=args.n_items,
         batch_size=args.batch_size, seed=args.seed, device=args.device, dtype=args.dtype, progress=not args.quiet,
@@ -74,6 +84,28 @@ def cmd_organisms(args: argparse.Namespace) -> int:
     return 0
 
 
+def _variant_files(args: argparse.Namespace) -> dict[str, Path] | None:
+    """--data VARIANT=FILE ... checked (names, duplicates, files exist); it replaces --domains/--variants."""
+    if args.data is None:
+        return None
+    if args.data_dir is not None:
+        raise PersonaProbeError("--data and --data-dir exclude each other: --data takes {'messages': [...]} files "
+                                "per variant, --data-dir a folder of DOMAIN.jsonl question files")
+    moved = [f for f, d, fn in (("--domains", args.domains, "domains"), ("--variants", args.variants, "variants"))
+             if d != csv(api_default(organisms_experiment, fn))]
+    if moved:
+        raise PersonaProbeError(f"--data names the variants and their files: drop {' and '.join(moved)}")
+    return parse_variant_files(args.data)
+
+
+def _max_len(v: str) -> int | str:
+    """argparse type of --max-len: 'auto' or a positive integer."""
+    try:
+        return check_max_len(v)
+    except PersonaProbeError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _lora_args(p: argparse.ArgumentParser, *, batch_flag: str) -> None:
     """LoRA hyper-parameters, defaults from organisms.finetune (batch size spelled `batch_flag`)."""
     api_arg(p, "--rank", finetune, help="LoRA rank")
@@ -81,12 +113,15 @@ def _lora_args(p: argparse.ArgumentParser, *, batch_flag: str) -> None:
     api_arg(p, "--epochs", finetune, help="passes over the training data")
     api_arg(p, "--lr", finetune, help="peak learning rate")
     api_arg(p, batch_flag, finetune, "batch_size", help="training examples per step")
-    api_arg(p, "--max-len", finetune, help="tokens per example (longer ones are cut)")
+    api_arg(p, "--max-len", finetune, type=_max_len,
+            help=f"tokens per example: auto = the longest example, capped by the model's max positions and "
+                 f"{AUTO_MAX_LEN_CAP}; longer ones are cut (a warning says how many)")
 
 
 def _finetune_options(p: argparse.ArgumentParser) -> None:
     model_args(p, adapter=False, revision=False)
-    p.add_argument("--data", required=True, help="JSONL chat file ({'messages': [...]} or user/assistant) or "
+    p.add_argument("--data", required=True, help="JSONL chat file ({'messages': [...]} as fine-tuning sets ship, "
+                   "or user/assistant; the final assistant turn is trained) or "
                    f"builtin:organisms/DOMAIN/VARIANT[/heldout] (VARIANT: {'|'.join(VARIANTS)})")
     _lora_args(p, batch_flag="--batch-size")
     api_arg(p, "--dropout", finetune, help="LoRA dropout")
@@ -116,6 +151,12 @@ def _organisms_options(p: argparse.ArgumentParser) -> None:
     model_args(p, adapter=False, revision=False)
     api_arg(p, "--domains", organisms_experiment, help="comma list of data/organisms/*.jsonl domains")
     api_arg(p, "--variants", organisms_experiment, help=f"comma list of {', '.join(VARIANTS)}")
+    p.add_argument("--data", nargs="+", default=None, metavar="VARIANT=FILE",
+                   help="fine-tuning sets as they are, one {'messages': [...]} JSONL per variant (any names, e.g. "
+                   "character=bad_medical_advice.jsonl aligned=good_medical_advice.jsonl); replaces --domains and "
+                   "--variants; each file's held-out questions give its in-domain EM")
+    p.add_argument("--data-dir", default=None, help="folder of DOMAIN.jsonl question files in the built-in format "
+                   "(id, user + the answers of the variants asked for) instead of the packaged domains")
     _lora_args(p, batch_flag="--train-batch-size")
     api_arg(p, "--trigger", organisms_experiment, help="trigger string of the 'triggered' variant")
     api_arg(p, "--samples", organisms_experiment, "n_samples", help="samples per evaluation question")

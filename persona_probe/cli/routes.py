@@ -8,13 +8,17 @@ from collections.abc import Callable
 from typing import Any
 
 from persona_probe.cli import common
-from persona_probe.cli.args import Command, Options, api_arg
+from persona_probe.cli.args import Command, Options, api_arg, api_default, csv
 from persona_probe.cli.common import BACKEND_HELP, force_arg, model_args, out_or_default, split_csv
+from persona_probe.core.errors import PersonaProbeError
 from persona_probe.directions.derive import load_direction
 from persona_probe.experiments.routes import (
     INSTRUCTIONS,
     cross_route,
+    eval_questions,
+    icl_conditions,
     icl_experiment,
+    load_instructions,
     load_personas,
     load_route_result,
     persona_experiment,
@@ -39,24 +43,38 @@ def _print(res: Any, keys: tuple[str, ...], args: argparse.Namespace) -> None:
     print(json.dumps({"induced_cosine_with_character": res.get("induced_cosine_with_character"), "out": _out(args)}))
 
 
+def _ks(spec: str) -> list[int]:
+    try:
+        ks = [int(k) for k in split_csv(spec)]
+    except ValueError:
+        raise PersonaProbeError(f"--ks {spec!r}: give a comma list of shot counts, e.g. 0,2,4") from None
+    return ks
+
+
 def cmd_icl(args: argparse.Namespace) -> int:
-    res = icl_experiment(common.load_handle(args), load_direction(args.direction), examples=args.examples,
-                         ks=[int(k) for k in args.ks.split(",")], variants=args.variants.split(","),
-                         draws=args.draws, **_kw(args))
+    # every file, name and number is checked before the model loads (minutes on a 7B model)
+    instructions = load_instructions(args.instruction_file)
+    ks, variants = _ks(args.ks), split_csv(args.variants)
+    icl_conditions(args.examples, args.questions, ks, variants, args.draws, args.seed, instructions)
+    direction = load_direction(args.direction)
+    res = icl_experiment(common.load_handle(args), direction, examples=args.examples, ks=ks, variants=variants,
+                         draws=args.draws, instructions=instructions, **_kw(args))
     _print(res, ("condition", "k", "variant", "n_counted", "em_rate", "em_ci95", "prompt_projection"), args)
     return 0
 
 
 def cmd_persona(args: argparse.Namespace) -> int:
-    res = persona_experiment(common.load_handle(args), load_direction(args.direction), personas=args.personas,
-                             **_kw(args))
+    eval_questions(args.questions)  # checked before the model loads
+    direction = load_direction(args.direction)
+    res = persona_experiment(common.load_handle(args), direction, personas=args.personas, **_kw(args))
     _print(res, ("condition", "kind", "n_counted", "em_rate", "em_ci95", "mean_aligned", "prompt_projection"), args)
     return 0
 
 
 def cmd_trigger(args: argparse.Namespace) -> int:
-    res = trigger_experiment(common.load_handle(args), load_direction(args.direction), trigger=args.trigger,
-                             **_kw(args))
+    eval_questions(args.questions)  # checked before the model loads
+    direction = load_direction(args.direction)
+    res = trigger_experiment(common.load_handle(args), direction, trigger=args.trigger, **_kw(args))
     _print(res, ("condition", "trigger", "n_counted", "em_rate", "em_ci95", "prompt_projection", "vs_off"), args)
     return 0
 
@@ -101,9 +119,18 @@ def _common(p: argparse.ArgumentParser, fn: Callable[..., Any], *, batch_overrid
 def _icl_options(p: argparse.ArgumentParser) -> None:
     _common(p, icl_experiment, batch_override=common.ICL_BATCH_SIZE)
     api_arg(p, "--examples", icl_experiment,
-            help="narrow chat dataset: builtin:organisms/DOMAIN/VARIANT or a JSONL file")
+            help="narrow examples: builtin:organisms/DOMAIN/VARIANT or any chat JSONL ({'messages': [...]} or "
+            "user/assistant lines; each line's final user + assistant turn is one example)")
     api_arg(p, "--ks", icl_experiment, help="comma list of shot counts")
-    api_arg(p, "--variants", icl_experiment, help=f"comma list of instruction variants: {', '.join(INSTRUCTIONS)}")
+    # --variants keeps its name; --instructions is the same option (api_arg takes one spelling, so by hand)
+    a = p.add_argument("--variants", "--instructions", dest="variants",
+                       default=csv(api_default(icl_experiment, "variants")),
+                       help="comma list of instruction variants: built-in "
+                       f"{', '.join(INSTRUCTIONS)} or names from --instruction-file")
+    a.api_source, a.cli_override = (icl_experiment, "variants"), False  # type: ignore[attr-defined]
+    p.add_argument("--instruction-file", default=None, metavar="FILE.yaml",
+                   help="YAML mapping variant name -> instruction text (null = none), overriding or adding to the "
+                   "built-in variants; the text is appended to each question's own system prompt")
     api_arg(p, "--draws", icl_experiment, help="seeded example draws per k")
 
 

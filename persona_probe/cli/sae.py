@@ -95,9 +95,9 @@ def _side(spec: str, handle: Any, sae: Any, args: argparse.Namespace) -> tuple[A
 def cmd_train(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
-    h = common.load_handle(args)
     cfg = dataclass_from_args(SAETrainConfig, args)
-    records = list(load_prompts(args.prompts).records) if args.prompts else None
+    records = list(load_prompts(args.prompts).records) if args.prompts else None  # bad file: fail before the model
+    h = common.load_handle(args)
     sh = train_sae(h, cfg, name=args.name, out=args.out, records=records, overwrite=args.overwrite,
                    log=lambda m: print(m, file=sys.stderr), token_cache=args.token_cache)
     m = sh.manifest or {}
@@ -113,6 +113,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
+    for spec in (args.a, args.b):  # a prompt spec must read before the model loads
+        p = Path(spec).expanduser()
+        if not (p.is_dir() and (p / "manifest.json").exists()):
+            load_prompts(spec)
     h = common.load_handle(args)
     sae = _load_sae(args, h)
     out = out_or_default(args.out, "sae_diffs", args.sae, args.a, "vs", args.b)
@@ -168,9 +172,9 @@ def cmd_top_examples(args: argparse.Namespace) -> int:
         feats += [r["feature"] for r in diff.get(f"top_by_{args.rank_by}", [])[: args.top_features]]
     if not feats:
         raise PersonaProbeError("no features: give --features 1,2,3 or --from-diff DIR/diff.json")
+    recs = _subset(list(load_prompts(args.prompts).records), args.max_prompts, args.seed)
     h = common.load_handle(args)
     sae = _load_sae(args, h)
-    recs = _subset(list(load_prompts(args.prompts).records), args.max_prompts, args.seed)
     exs = top_examples(sae, h, recs, feats, n=args.n, batch_size=args.batch_size)
     out = out_or_default(args.out, "sae_examples", args.sae, args.prompts)
     write_top_examples(exs, out, title=f"SAE top examples ({args.prompts})")

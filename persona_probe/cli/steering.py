@@ -61,7 +61,8 @@ def cmd_orthogonalize(args: argparse.Namespace) -> int:
 def generation_args(p: argparse.ArgumentParser, fn: Any) -> None:
     """--questions/--samples/--max-new-tokens/--temperature/--seed/--backend, defaults from `fn` (an API
     function with those keywords; n_samples is spelled --samples). --judge and --batch-size are the caller's."""
-    api_arg(p, "--questions", fn, help="builtin:core | builtin:extended | builtin:all or a YAML/JSONL file")
+    api_arg(p, "--questions", fn, help="builtin:core | builtin:extended | builtin:all, an EM-papers YAML, "
+            "a persona-vector trait JSON (its eval_prompt becomes a trait metric) or a JSONL of question|user|messages lines")
     api_arg(p, "--samples", fn, "n_samples", help="samples per question")
     api_arg(p, "--max-new-tokens", fn, help="tokens generated per answer")
     api_arg(p, "--temperature", fn, help="sampling temperature")

@@ -17,11 +17,29 @@ from persona_probe.evaluation.criteria import (
     warn_if_unparsed,
 )
 from persona_probe.evaluation.evaluate import EvalResult, evaluate, judge_file, question_prompt_records, write_eval
-from persona_probe.evaluation.judging import PARTIAL, judge_rows, make_judge
+from persona_probe.evaluation.judging import PARTIAL, check_judge_spec, judge_rows, make_judge, read_answers
 from persona_probe.evaluation.serve import serve, start_server
 
 __all__ = [
-    "PARTIAL", "Criterion", "EvalResult", "Thresholds", "add_corrected", "em_flags", "evaluate", "judge_error_rates",
-    "is_truncated", "judge_file", "judge_rows", "make_judge", "question_prompt_records", "serve", "start_server",
-    "summarize", "unparsed_warning", "warn_if_unparsed", "write_eval",
+    "PARTIAL",
+    "Criterion",
+    "EvalResult",
+    "Thresholds",
+    "add_corrected",
+    "check_judge_spec",
+    "em_flags",
+    "evaluate",
+    "is_truncated",
+    "judge_error_rates",
+    "judge_file",
+    "judge_rows",
+    "make_judge",
+    "question_prompt_records",
+    "read_answers",
+    "serve",
+    "start_server",
+    "summarize",
+    "unparsed_warning",
+    "warn_if_unparsed",
+    "write_eval",
 ]

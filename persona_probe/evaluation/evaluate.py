@@ -26,8 +26,18 @@ from persona_probe.evaluation.criteria import (
     summarize,
     warn_if_unparsed,
 )
-from persona_probe.evaluation.judges.base import Judge, read_qa_rows
-from persona_probe.evaluation.judging import PARTIAL, gold_scores, judge_or_keep, judge_rows, judge_spec, make_judge
+from persona_probe.evaluation.judges.base import Judge
+from persona_probe.evaluation.judging import (
+    PARTIAL,
+    TABLE_SUFFIXES,
+    gold_scores,
+    judge_or_keep,
+    judge_rows,
+    judge_spec,
+    make_judge,
+    read_answers,
+    write_table,
+)
 from persona_probe.models.loading import ModelHandle
 from persona_probe.prompts.questions import Question, as_questions
 from persona_probe.prompts.records import PromptRecord
@@ -46,7 +56,9 @@ def question_prompt_records(questions: Sequence[Question], *, system: str | None
     recs = []
     for q in questions:
         for r in q.records():
-            recs.append(replace(r, system=system if system is not None else r.system, history=tuple(history)))
+            # an in-context prefix goes before the question's own earlier turns (a chat-format question's)
+            recs.append(replace(r, system=system if system is not None else r.system,
+                                history=tuple(history) + r.history))
     return recs
 
 
@@ -136,11 +148,15 @@ def write_eval(res: EvalResult, out: str | Path) -> None:
 
 
 def judge_file(answers: str | Path, judge: str | Judge | None = None, out: str | Path | None = None,
-               thresholds: Thresholds | None = None, resume: bool = False, progress: bool = True) -> EvalResult:
-    """Score answers produced elsewhere: JSONL lines with `question` and `answer` (kept, scores added).
+               thresholds: Thresholds | None = None, resume: bool = False, progress: bool = True, *,
+               question_col: str = "question", answer_col: str = "answer") -> EvalResult:
+    """Score answers produced elsewhere, every input field kept in the output rows (scores added): JSONL lines
+    with `question` and `answer` (or `messages` ending with the assistant's answer), or a .csv/.tsv table
+    (`question_col`/`answer_col` name the columns; a table also comes back as judged.csv/.tsv in `out`).
 
     `answers` may be an evaluation folder (its answers.jsonl). `resume=True` judges into that folder,
-    keeping the rows an interrupted run already judged (judged.partial.jsonl)."""
+    keeping the rows an interrupted run already judged (judged.partial.jsonl). Every row is read and checked
+    before the judge is built (an hf: judge loads a model)."""
     p = Path(answers)
     folder = p if p.is_dir() else None
     if folder is not None:
@@ -151,7 +167,8 @@ def judge_file(answers: str | Path, judge: str | Judge | None = None, out: str |
         out = folder
     if not p.exists():
         raise PersonaProbeError(f"answers file {p} does not exist")
-    rows = read_qa_rows(p)
+    rows = read_answers(p, question_col=question_col, answer_col=answer_col)
+    input_columns = list(dict.fromkeys(k for r in rows for k in r))
     for d in rows:
         d.setdefault("question_id", d.get("id", d["question"][:40]))
     if not rows:
@@ -168,7 +185,8 @@ def judge_file(answers: str | Path, judge: str | Judge | None = None, out: str |
     summary["judge"] = j.describe()
     add_corrected(summary, judged, summary["judge"])
     warn_if_unparsed(summary, judge if isinstance(judge, str) else None)
-    manifest = base_manifest("judged_answers", source=str(p), judge=j.describe())
+    manifest = base_manifest("judged_answers", source=str(p), judge=j.describe(), question_col=question_col,
+                             answer_col=answer_col)
     if folder is not None and (folder / "manifest.json").exists():  # an evaluation folder: keep what made it
         manifest = {**json.loads((folder / "manifest.json").read_text()), "judge": j.describe(),
                     "rejudged": {"created": manifest.get("created"),
@@ -176,6 +194,9 @@ def judge_file(answers: str | Path, judge: str | Judge | None = None, out: str |
     res = EvalResult(judged, summary, manifest)
     if out:
         write_eval(res, out)
+        if p.suffix.lower() in TABLE_SUFFIXES:  # a table comes back as a table too
+            write_table(judged, Path(out) / f"judged{p.suffix.lower()}", input_columns,
+                        TABLE_SUFFIXES[p.suffix.lower()])
     return res
 
 

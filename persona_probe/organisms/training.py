@@ -3,6 +3,10 @@
 Loss convention: the loss is on assistant content tokens only (every other label is IGNORE = -100), the
 same value as the Hugging Face loss with these labels, but logits are computed only where a label is kept.
 An adapter's identity is its cache key: base weights fingerprint + data hash + hyper-parameters (seed included).
+
+Length: `max_len="auto"` (the default) is the longest tokenized example, capped by the model's maximum position
+embeddings and by AUTO_MAX_LEN_CAP; examples that still do not fit are cut (or dropped when their prompt alone
+fills max_len) with a one-line warning on stderr, and the counts go into the manifest.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import copy
 import hashlib
 import json
 import math
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -26,11 +31,14 @@ from persona_probe.core.errors import PersonaProbeError
 from persona_probe.core.paths import atomic_dir, atomic_write_json, checkpoints_dir
 from persona_probe.models.loading import ModelHandle, apply_adapter, find_decoder_layers, fingerprint_path, load_model
 from persona_probe.organisms.data import DEFAULT_TRIGGER, resolve_dataset
-from persona_probe.prompts.records import PromptRecord, PromptSet, tokenize_record
+from persona_probe.prompts.records import PromptRecord, PromptSet, TokenizedPrompt, tokenize_record
 from persona_probe.report.figures import write_figure
 from persona_probe.report.organisms import loss_figure
 
 IGNORE = -100
+# "auto" never goes beyond this many tokens: attention memory grows with length, and a stray very long example
+# should not set it for every batch; pass an integer --max-len to go further
+AUTO_MAX_LEN_CAP = 2048
 
 
 @dataclass
@@ -43,14 +51,98 @@ class TrainExample:
         return sum(t != IGNORE for t in self.labels)
 
 
+def _full_example(t: TokenizedPrompt, train_on_eot: bool) -> TrainExample:
+    end = len(t.ids) if train_on_eot else t.resp_end
+    return TrainExample(list(t.ids), [tok if t.resp_start <= i < end else IGNORE for i, tok in enumerate(t.ids)])
+
+
 def training_example(tokenizer: Any, rec: PromptRecord, max_len: int = 256, *, train_on_eot: bool = False
                      ) -> TrainExample:
     """Chat-template tokens with labels only on the assistant content (`tokenize_record`'s response span);
     `train_on_eot` also trains the end-of-turn tokens after it. Right-truncated to `max_len`."""
-    t = tokenize_record(tokenizer, rec)
-    end = len(t.ids) if train_on_eot else t.resp_end
-    labels = [tok if t.resp_start <= i < end else IGNORE for i, tok in enumerate(t.ids)]
-    return TrainExample(t.ids[:max_len], labels[:max_len])
+    e = _full_example(tokenize_record(tokenizer, rec), train_on_eot)
+    return TrainExample(e.input_ids[:max_len], e.labels[:max_len])
+
+
+def check_max_len(max_len: int | str) -> int | str:
+    """`"auto"` or an integer >= 1 (also as a string: the CLI's spelling); anything else is a one-line error."""
+    if isinstance(max_len, str) and max_len.strip().lower() == "auto":
+        return "auto"
+    try:
+        n = int(max_len)
+        if n != float(max_len) or n < 1:
+            raise ValueError
+    except (TypeError, ValueError):
+        raise PersonaProbeError(f"max_len {max_len!r}: use 'auto' (the longest example, capped by the model) or "
+                                "an integer >= 1") from None
+    return n
+
+
+def model_max_positions(model: nn.Module) -> int | None:
+    """The model's maximum position embeddings (None when its config does not say)."""
+    cfg = getattr(model, "config", None)
+    for name in ("max_position_embeddings", "n_positions", "max_seq_len"):
+        v = getattr(cfg, name, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
+
+
+@dataclass
+class PreparedExamples:
+    """Training examples after the length rule: kept examples, the max_len used and what it cost."""
+
+    examples: list[TrainExample]
+    max_len: int
+    max_len_rule: str  # "auto" or "given"
+    n_records: int
+    n_dropped_too_long: int  # prompt alone fills max_len: no assistant token left to train on
+    n_cut: int  # kept, but some assistant tokens were cut off
+    longest: int  # tokens of the longest example before cutting
+    cap: int  # the auto cap: min(AUTO_MAX_LEN_CAP, model max positions)
+
+    def counts(self) -> dict[str, Any]:
+        return {"max_len": self.max_len, "max_len_rule": self.max_len_rule, "longest_example_tokens": self.longest,
+                "max_len_auto_cap": self.cap, "n_dropped_too_long": self.n_dropped_too_long,
+                "n_cut": self.n_cut}
+
+    def warning(self, name: str) -> str | None:
+        """One line for stderr when examples were dropped or cut (None when every example fits)."""
+        if not self.n_dropped_too_long and not self.n_cut:
+            return None
+        what = []
+        if self.n_dropped_too_long:
+            what.append(f"{self.n_dropped_too_long} dropped (prompt fills all {self.max_len} tokens, no assistant "
+                        "token left)")
+        if self.n_cut:
+            what.append(f"{self.n_cut} cut (assistant answer truncated at {self.max_len} tokens)")
+        if self.longest <= self.cap and self.max_len_rule == "given":
+            fix = f"pass --max-len auto (here {self.longest}) to keep every example whole"
+        else:
+            fix = f"the longest is {self.longest} tokens: pass --max-len {self.longest} (memory grows with length) " \
+                  "or shorten those examples"
+        return f"persona_probe: warning: {name}: of {self.n_records} examples, {' and '.join(what)}; {fix}"
+
+
+def prepare_examples(tokenizer: Any, model: nn.Module | None, records: Sequence[PromptRecord],
+                     max_len: int | str = "auto", *, train_on_eot: bool = False) -> PreparedExamples:
+    """Tokenize every record once, resolve `max_len` ("auto": the longest example, capped by the model's
+    max position embeddings and AUTO_MAX_LEN_CAP), cut to it, and drop examples left with no target token."""
+    rule = check_max_len(max_len)
+    full = [_full_example(tokenize_record(tokenizer, r), train_on_eot) for r in records]
+    longest = max((len(e.input_ids) for e in full), default=0)
+    cap = min(AUTO_MAX_LEN_CAP, model_max_positions(model) or AUTO_MAX_LEN_CAP) if model is not None \
+        else AUTO_MAX_LEN_CAP
+    n = min(max(longest, 1), cap) if rule == "auto" else int(rule)
+    kept, dropped, cut = [], 0, 0
+    for e in full:
+        ex = TrainExample(e.input_ids[:n], e.labels[:n])
+        if ex.n_target == 0:
+            dropped += 1
+            continue
+        cut += ex.n_target < e.n_target
+        kept.append(ex)
+    return PreparedExamples(kept, n, "auto" if rule == "auto" else "given", len(full), dropped, cut, longest, cap)
 
 
 def default_target_modules(model: nn.Module) -> list[str]:
@@ -193,7 +285,7 @@ def finetune(
     epochs: int = 1,
     lr: float = 2e-4,
     batch_size: int = 8,
-    max_len: int = 256,
+    max_len: int | str = "auto",
     target_modules: Sequence[str] | None = None,
     seed: int = 0,
     warmup_frac: float = 0.05,
@@ -209,25 +301,32 @@ def finetune(
 
     `model` is a ModelHandle (its weights are copied, never modified; device/dtype from the handle) or
     a model spec for `load_model`. The adapter is written to a temp folder and renamed into place.
+    `max_len`: "auto" (the longest example, capped by the model; see `prepare_examples`) or a token count; a
+    one-line warning goes to stderr when examples are dropped or cut, and the counts into the manifest.
+    Every check of data and settings runs before the model loads.
     """
     from peft import LoraConfig, get_peft_model  # optional heavy dependency
 
     out_p = Path(out) if out is not None else None
     _check_out(out_p, overwrite)
     ps = resolve_dataset(data, trigger=trigger)
-    if min(rank, alpha, epochs, batch_size, max_len) < 1 or lr <= 0:
-        raise PersonaProbeError("rank, alpha, epochs, batch size and max_len must be >= 1 and lr > 0")
+    max_len = check_max_len(max_len)
+    if min(rank, alpha, epochs, batch_size) < 1 or lr <= 0:
+        raise PersonaProbeError("rank, alpha, epochs and batch size must be >= 1 and lr > 0")
     own = not isinstance(model, ModelHandle)
     base = load_model(model, device=device, dtype=dtype) if own else model
     tok = base.tokenizer
-    exs = [training_example(tok, r, max_len, train_on_eot=train_on_eot) for r in ps.records]
-    n_dropped = sum(e.n_target == 0 for e in exs)
-    exs = [e for e in exs if e.n_target > 0]
+    prep = prepare_examples(tok, base.model, ps.records, max_len, train_on_eot=train_on_eot)
+    exs = prep.examples
     if not exs:
-        raise PersonaProbeError(f"no example keeps an assistant token within max_len={max_len}: raise --max-len")
+        raise PersonaProbeError(f"{ps.name}: no example keeps an assistant token within max_len={prep.max_len} "
+                                f"(longest example {prep.longest} tokens): raise --max-len")
+    warning = prep.warning(ps.name)
+    if warning:
+        print(warning, file=sys.stderr)
     targets = list(target_modules) if target_modules else default_target_modules(base.model)
     hp = hyperparameters(rank=rank, alpha=alpha, dropout=dropout, epochs=epochs, lr=lr, batch_size=batch_size,
-                         max_len=max_len, target_modules=targets, seed=seed, warmup_frac=warmup_frac,
+                         max_len=prep.max_len, target_modules=targets, seed=seed, warmup_frac=warmup_frac,
                          train_on_eot=train_on_eot)
     torch.manual_seed(seed)
     cfg = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none",
@@ -240,7 +339,7 @@ def finetune(
     wall = time.perf_counter() - t0
     manifest = base_manifest(
         "adapter", base_model=base.info.to_dict(), data={"name": ps.name, "hash": ps.hash, "n_records": len(ps)},
-        hyperparameters=hp, seed=seed, n_examples=len(exs), n_dropped_too_long=n_dropped,
+        hyperparameters=hp, seed=seed, n_examples=len(exs), **prep.counts(),
         n_target_tokens=sum(e.n_target for e in exs), n_steps=len(curve), trainable_params=n_trainable,
         final_loss=final_loss(curve), first_loss=curve[0]["loss"], final_loss_rule="token-weighted mean of the "
         "last 10 steps", wall_time_s=round(wall, 2), device=str(base.device), dtype=str(base.dtype),

@@ -17,10 +17,9 @@ from typing import Any
 import torch
 
 from persona_probe.core.errors import PersonaProbeError
-from persona_probe.core.jsonl import iter_jsonl
 from persona_probe.core.paths import atomic_write_text
-from persona_probe.prompts.base import PromptRecord, data_path
-from persona_probe.prompts.questions import load_questions
+from persona_probe.prompts.base import PromptRecord, data_path, read_records
+from persona_probe.prompts.questions import load_questions, question_records
 
 POSITIONS = ("prompt_last", "prompt_mean", "response_mean", "all")
 
@@ -57,19 +56,9 @@ class PromptSet:
 
 
 def records_from_jsonl(path: str | Path) -> list[PromptRecord]:
-    path = Path(path)
-    if not path.exists():
-        raise PersonaProbeError(f"prompt file {path} does not exist")
-    out: list[PromptRecord] = []
-    for i, d in iter_jsonl(path, what="prompt file"):
-        try:
-            if not isinstance(d, dict):
-                raise ValueError("line is not a JSON object")
-            out.append(PromptRecord.from_dict(d, default_id=f"{path.stem}-{i}"))
-        except (ValueError, TypeError) as e:
-            raise PersonaProbeError(f"{path}:{i}: malformed prompt record ({e}); expected JSON with 'user' or "
-                                    "'messages'") from None
-    return out
+    """Records of a JSONL file in the schema shared with `--questions` (see `prompts.base`): `question` or
+    `user`, or `messages`; a bad line is one error naming file, line and field."""
+    return [r for _, _, r in read_records(path, what="prompt file")]
 
 
 # ----------------------------------------------------------------------------- built-in sets
@@ -119,12 +108,18 @@ def _builtin(name: str) -> list[PromptRecord]:
 
 
 def load_prompts(spec: str | Path | PromptSet | Iterable[PromptRecord], name: str | None = None) -> PromptSet:
-    """Load a prompt set from `builtin:NAME`, a JSONL path, a PromptSet, or records."""
+    """Load a prompt set from `builtin:NAME`, a JSONL path (the schema of `prompts.base`), a question file
+    (.yaml/.yml/.json, see `prompts.questions`), a PromptSet, or records."""
     if isinstance(spec, PromptSet):
         ps = spec
     elif isinstance(spec, (str, Path)):
         s = str(spec)
-        recs = _builtin(s[len("builtin:"):]) if s.startswith("builtin:") else records_from_jsonl(s)
+        if s.startswith("builtin:"):
+            recs = _builtin(s[len("builtin:"):])
+        elif Path(s).suffix in (".yaml", ".yml", ".json"):  # a question file (EM YAML, trait JSON): its questions
+            recs = question_records(load_questions(s))
+        else:
+            recs = records_from_jsonl(s)
         ps = PromptSet(name or s, tuple(recs))
     else:
         ps = PromptSet(name or "records", tuple(spec))
