@@ -30,6 +30,7 @@ for _module, _names in {
     "persona_probe.prompts.traits": "TraitFile load_trait_file",
     "persona_probe.backends": "Intervention get_backend",
     "persona_probe.backends.sampling": "generate",
+    "persona_probe.backends.vllm": "VLLMOptions get_vllm_engine",
     "persona_probe.core.layers": "parse_layers",
     "persona_probe.activations.extraction": "ActivationSet extract load_activations",
     "persona_probe.directions.derive": "DirectionSet cosine_matrix derive load_direction project",

@@ -101,7 +101,8 @@ OVERRIDES = {("eval", "batch_size"): common.EVAL_BATCH_SIZE, ("icl", "batch_size
              ("eval", "judge"): common.JUDGE, ("judge", "judge"): common.JUDGE}
 # same name, other meaning: the CLI's "auto" is the API's None; --name None = the --out folder's name;
 # trigger's --force is a flag (off) while the API defaults to True
-NOT_MIRRORED = {"device", "dtype", ("direction", "name"), ("trigger", "force")}
+# engine: the CLI names hf; the API's None means "the handle's engine", which is hf unless set
+NOT_MIRRORED = {"device", "dtype", "engine", ("direction", "name"), ("trigger", "force")}
 
 
 def _expected(v):

@@ -1,4 +1,5 @@
-"""Backends behind one interface: `hf` (default), `transformer_lens` (TransformerBridge), `nnsight`."""
+"""Backends behind one interface: `hf` (default), `transformer_lens` (TransformerBridge), `nnsight`; and the
+optional `vllm` sampling engine (backends/vllm/, vllm itself imported on first use)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from persona_probe.backends.base import Backend, Intervention, LayerId, check_la
 from persona_probe.backends.hf import HFBackend
 from persona_probe.backends.nnsight_backend import NNsightBackend  # nnsight itself loads on first use
 from persona_probe.backends.tlens import TransformerLensBackend  # transformer_lens itself loads on first use
+from persona_probe.backends.vllm import VLLMEngine, VLLMOptions, get_vllm_engine  # vllm itself loads on first use
 from persona_probe.core.errors import PersonaProbeError
 from persona_probe.models.loading import ModelHandle
 
@@ -28,4 +30,5 @@ def get_backend(name: str, handle: ModelHandle, **kwargs: object) -> Backend:
     return cache[key]
 
 
-__all__ = ["Backend", "BACKENDS", "Intervention", "LayerId", "check_layers", "get_backend"]
+__all__ = ["BACKENDS", "Backend", "Intervention", "LayerId", "VLLMEngine", "VLLMOptions", "check_layers", "get_backend",
+           "get_vllm_engine"]

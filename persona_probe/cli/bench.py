@@ -6,6 +6,9 @@
 * offline-judge seconds per answer
 * padding waste of length-sorted vs arrival-order batches on a mixed-length set
 Measurements alternate (plain, backend, plain, backend, ...) and report medians, so drift hits both.
+
+`--engine vllm` runs the sampling-engine comparison instead: generated tokens/s of the EM workload (core
+questions x samples x tokens) through the hf and the vllm engine, unsteered and steered at 1 and at 4 layers.
 """
 
 from __future__ import annotations
@@ -25,13 +28,17 @@ from typing import Any
 import torch
 
 from persona_probe.backends import BACKENDS, get_backend
+from persona_probe.backends.sampling import ENGINES, generate
+from persona_probe.backends.vllm import VLLMOptions, get_vllm_engine
 from persona_probe.cli import common
-from persona_probe.cli.args import Command, Options, api_arg
+from persona_probe.cli.args import Command, Options, api_arg, dataclass_args, dataclass_from_args
 from persona_probe.cli.common import default_out, model_args
 from persona_probe.core.paths import atomic_write_json
+from persona_probe.evaluation.evaluate import question_prompt_records
 from persona_probe.evaluation.judges.offline import OfflineJudge
 from persona_probe.interventions.steering import add_interventions
 from persona_probe.models.loading import ModelHandle
+from persona_probe.prompts.questions import as_questions
 from persona_probe.prompts.records import PromptRecord, collate, length_sorted_batches, padding_waste, tokenize_record
 
 
@@ -193,8 +200,71 @@ def bench(handle: ModelHandle, *, n_prompts: int = 32, batch_size: int = 16, rep
     return out
 
 
+def spread_layers(n_layers: int, k: int) -> list[int]:
+    """k layers spread evenly over the middle of the model (k=1: the middle layer)."""
+    return [round(n_layers * (i + 1) / (k + 1)) for i in range(k)]
+
+
+def engine_bench(handle: ModelHandle, *, n_questions: int = 8, n_samples: int = 32, gen_tokens: int = 64,
+                 batch_size: int = 32, temperature: float = 1.0, steer_layers: tuple[int, ...] = (1, 4),
+                 alpha: float = 1.0, repeats: int = 1, options: VLLMOptions | None = None,
+                 progress: bool = True) -> dict[str, Any]:
+    """Generated tokens/s of the EM workload through the hf and the vllm engine (`generate`, as `eval` samples),
+    unsteered and steered (α along a random direction) at each count of `steer_layers`; hf and vllm alternate
+    and medians are reported, so machine drift hits both. The ratio is vllm tokens/s over hf tokens/s."""
+    log = (lambda m: print(m, file=sys.stderr)) if progress else (lambda m: None)
+    seen: set[str] = set()
+    recs = []
+    for r in question_prompt_records(as_questions("builtin:core")):  # one paraphrase per question
+        if r.labels.get("question_id") not in seen and len(recs) < n_questions:
+            seen.add(r.labels.get("question_id"))
+            recs.append(r)
+    eng = get_vllm_engine(handle, options)
+    for e in ("hf", eng):  # warm-up: first-call costs (allocator, kernels) out of the timings
+        generate(handle, recs[:2], max_new_tokens=4, batch_size=batch_size, progress=False, engine=e)
+    v = torch.randn(handle.d_model, generator=torch.Generator().manual_seed(0))
+    conds: dict[str, list] = {"plain": []}
+    for k in steer_layers:
+        Ls = spread_layers(handle.n_layers, k)
+        conds[f"steered_{k}_layer{'s' if k > 1 else ''}"] = add_interventions({L: v for L in Ls}, alpha, handle=handle)
+    out: dict[str, Any] = {"workload": {"questions": len(recs), "samples": n_samples, "max_new_tokens": gen_tokens,
+                                        "temperature": temperature, "hf_batch_size": batch_size, "alpha": alpha,
+                                        "steer_layers": {k: spread_layers(handle.n_layers, k) for k in steer_layers}},
+                           "engine": eng.describe(), "threads": torch.get_num_threads(), "conditions": {}}
+    for name, ivs in conds.items():
+        runs: dict[str, list[tuple[int, float]]] = {"hf": [], "vllm": []}
+        for r in range(repeats):
+            for label, e in (("hf", "hf"), ("vllm", eng)):
+                log(f"bench engines: {name} {label} (repeat {r + 1}/{repeats})")
+                t = time.perf_counter()
+                samples = generate(handle, recs, n_samples=n_samples, max_new_tokens=gen_tokens,
+                                   temperature=temperature, batch_size=batch_size, interventions=ivs,
+                                   progress=False, engine=e)
+                runs[label].append((sum(s.n_tokens for s in samples), time.perf_counter() - t))
+        res = {}
+        for label, rs in runs.items():
+            sec = statistics.median(t for _, t in rs)
+            tok = statistics.median(n for n, _ in rs)
+            res[label] = {"tokens": tok, "seconds": round(sec, 2), "tokens_per_s": round(tok / sec, 1)}
+        res["ratio_vllm_over_hf"] = round(res["vllm"]["tokens_per_s"] / res["hf"]["tokens_per_s"], 2)
+        out["conditions"][name] = res
+    return out
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     h = common.load_handle(args)
+    if args.engine == "vllm":
+        res = {"model": h.info.to_dict(), "device": str(h.device), "torch": torch.__version__,
+               "engines": engine_bench(h, n_questions=args.engine_questions, n_samples=args.engine_samples,
+                                       gen_tokens=args.engine_tokens, batch_size=args.engine_batch_size,
+                                       repeats=args.engine_repeats, options=dataclass_from_args(VLLMOptions, args))}
+        out = Path(args.out) if args.out else default_out("bench", args.model, args.adapter, args.device) / \
+            "bench_engines.json"
+        atomic_write_json(out, res)
+        print(json.dumps({"out": str(out), "ratio_vllm_over_hf": {
+            k: v["ratio_vllm_over_hf"] for k, v in res["engines"]["conditions"].items()}, **res["engines"]},
+            indent=1, default=str))
+        return 0
     res = bench(h, n_prompts=args.n_prompts, batch_size=args.batch_size, repeats=args.repeats,
                 gen_tokens=args.gen_tokens, backends=tuple(args.backends.split(",")), judge=not args.no_judge,
                 stream_sizes=tuple(int(x) for x in args.stream_prompts.split(",") if x.strip()))
@@ -214,8 +284,16 @@ def _bench_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-judge", action="store_true", help="skip the offline-judge timing")
     api_arg(p, "--stream-prompts", bench, "stream_sizes", help="prompt counts for the streaming-memory check "
             "(synthetic model, one subprocess each; empty = skip)")
+    p.add_argument("--engine", choices=ENGINES, default="hf", help="vllm: compare the sampling engines (hf vs vllm "
+                   "tokens/s on the EM workload) instead of the extraction/memory bench")
+    api_arg(p, "--engine-questions", engine_bench, "n_questions", help="--engine vllm: core questions")
+    api_arg(p, "--engine-samples", engine_bench, "n_samples", help="--engine vllm: samples per question")
+    api_arg(p, "--engine-tokens", engine_bench, "gen_tokens", help="--engine vllm: max new tokens per sample")
+    api_arg(p, "--engine-batch-size", engine_bench, "batch_size", help="--engine vllm: hf generation batch size")
+    api_arg(p, "--engine-repeats", engine_bench, "repeats", help="--engine vllm: alternating runs per condition")
+    dataclass_args(p, VLLMOptions, flags={f: "--vllm-" + f.replace("_", "-") for f in VLLMOptions.__dataclass_fields__})
     p.add_argument("--out", default=None, help="JSON file for the results "
-                   "(default checkpoints/bench/MODEL-DEVICE/bench.json)")
+                   "(default checkpoints/bench/MODEL-DEVICE/bench.json; bench_engines.json with --engine vllm)")
 
 
 COMMANDS: dict[str, tuple[Command, Options]] = {"bench": (cmd_bench, _bench_options)}

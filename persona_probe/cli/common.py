@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from persona_probe.backends.vllm import require_vllm
 from persona_probe.core.paths import checkpoints_dir
 from persona_probe.models.loading import ModelHandle, load_model
 
@@ -24,8 +25,11 @@ JUDGE_HELP = "offline | offline:DIR (fitted by `judge fit`) | openai:MODEL | hf:
 BACKEND_HELP = "hf | transformer_lens | nnsight"
 
 
-def model_args(p: argparse.ArgumentParser, *, adapter: bool = True, revision: bool = True) -> None:
-    """--model/--device/--dtype (+ --adapter, --revision): the model a command loads."""
+ENGINES = ("hf", "vllm")
+
+
+def model_args(p: argparse.ArgumentParser, *, adapter: bool = True, revision: bool = True, engine: bool = False) -> None:
+    """--model/--device/--dtype (+ --adapter, --revision, --engine): the model a command loads."""
     p.add_argument("--model", default=MODEL, help="embedded name/alias, local HF folder, .gguf file or hub id")
     if adapter:
         p.add_argument("--adapter", default=None, help="peft LoRA adapter folder applied on top of --model")
@@ -33,6 +37,10 @@ def model_args(p: argparse.ArgumentParser, *, adapter: bool = True, revision: bo
     p.add_argument("--dtype", default=DTYPE, help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16")
     if revision:
         p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
+    if engine:
+        p.add_argument("--engine", default="hf", choices=ENGINES,
+                       help="sampling engine: hf (reference) or vllm (serving speed; needs the vllm extra, README "
+                            "'Engines'); interventions act on the same residual stream in both")
 
 
 def force_arg(p: argparse.ArgumentParser, what: str = "a direction") -> None:
@@ -43,9 +51,15 @@ def force_arg(p: argparse.ArgumentParser, what: str = "a direction") -> None:
 
 def load_handle(args: argparse.Namespace) -> ModelHandle:
     """The model named by the model_args options. Commands call it as `common.load_handle(args)` (looked up
-    at call time) so tests can substitute an already loaded model."""
-    return load_model(args.model, adapter=getattr(args, "adapter", None), device=args.device, dtype=args.dtype,
-                      revision=getattr(args, "revision", None))
+    at call time) so tests can substitute an already loaded model. `--engine vllm` without vLLM fails here,
+    before the model loads."""
+    engine = getattr(args, "engine", "hf") or "hf"
+    if engine == "vllm":
+        require_vllm()
+    h = load_model(args.model, adapter=getattr(args, "adapter", None), device=args.device, dtype=args.dtype,
+                   revision=getattr(args, "revision", None))
+    h.engine = engine
+    return h
 
 
 def print_json(obj: Any, indent: int | None = 2) -> None:

@@ -195,7 +195,7 @@ def _extract_options(p: argparse.ArgumentParser) -> None:
 
 
 def _direction_options(p: argparse.ArgumentParser) -> None:
-    model_args(p)
+    model_args(p, engine=True)
     route = p.add_mutually_exclusive_group()
     route.add_argument("--persona", default=None, choices=sorted(load_traits()), metavar="TRAIT",
                        help="derive from the built-in persona prompts of this trait: %(choices)s")

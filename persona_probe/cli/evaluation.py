@@ -162,7 +162,7 @@ def threshold_args(p: argparse.ArgumentParser) -> None:
 
 
 def _eval_options(p: argparse.ArgumentParser) -> None:
-    model_args(p)
+    model_args(p, engine=True)
     generation_args(p, evaluate)
     api_arg(p, "--judge", evaluate, override=common.JUDGE, help=common.JUDGE_HELP)
     api_arg(p, "--batch-size", evaluate, override=common.EVAL_BATCH_SIZE, help="generation batch size")

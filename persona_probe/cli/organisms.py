@@ -13,6 +13,7 @@ from persona_probe.cli.args import Command, Options, api_arg, api_default, csv
 from persona_probe.cli.common import model_args, out_or_default, rounded, split_csv
 from persona_probe.core.errors import PersonaProbeError
 from persona_probe.experiments.organisms import organisms_experiment
+from persona_probe.backends.vllm import require_vllm
 from persona_probe.models.loading import load_model
 from persona_probe.organisms import (
     AUTO_MAX_LEN_CAP,
@@ -71,12 +72,15 @@ def cmd_organisms(args: argparse.Namespace) -> int:
     data = _variant_files(args)
     inputs = list(dict.fromkeys(str(f) for f in data.values())) if data else [args.domains, args.data_dir]
     out = out_or_default(args.out, "organisms", *inputs, args.model, f"lr{args.lr:g}")
+    if args.engine == "vllm":
+        require_vllm()  # before the model loads
     res = organisms_experiment(
         args.model, split_csv(args.domains), split_csv(args.variants), data=data, data_dir=args.data_dir,
         out=out, adapters_dir=args.adapters_dir, finetune_kwargs=ft_kw, trigger=args.trigger, n_samples=args.samples, max_new_tokens=args.max_new_tokens,
         core_questions=args.questions, judge=args.judge, trait=args.trait,
         persona_n_questions=args.persona_questions or None, n_texts=args.n_texts, n_mc=args.n_items,
-        batch_size=args.batch_size, seed=args.seed, device=args.device, dtype=args.dtype, progress=not args.quiet,
+        batch_size=args.batch_size, seed=args.seed, device=args.device, dtype=args.dtype, engine=args.engine,
+        progress=not args.quiet,
         log=lambda m: print(f"[organisms] {m}", file=sys.stderr),
     )
     print(json.dumps({"out": res["out"], "table": str(Path(res["out"]) / "table.html"),
@@ -148,7 +152,7 @@ def _capability_options(p: argparse.ArgumentParser) -> None:
 
 
 def _organisms_options(p: argparse.ArgumentParser) -> None:
-    model_args(p, adapter=False, revision=False)
+    model_args(p, adapter=False, revision=False, engine=True)
     api_arg(p, "--domains", organisms_experiment, help="comma list of data/organisms/*.jsonl domains")
     api_arg(p, "--variants", organisms_experiment, help=f"comma list of {', '.join(VARIANTS)}")
     p.add_argument("--data", nargs="+", default=None, metavar="VARIANT=FILE",

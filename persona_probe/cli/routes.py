@@ -101,7 +101,7 @@ def _persona_ids(spec: str) -> list[str] | None:
 
 def _common(p: argparse.ArgumentParser, fn: Callable[..., Any], *, batch_override: int | None = None) -> None:
     """Options every route shares; defaults from the route's API function `fn`."""
-    model_args(p)
+    model_args(p, engine=True)
     p.add_argument("--direction", required=True, help="character direction folder (projections, induced cosine)")
     api_arg(p, "--questions", fn, help="builtin:core | builtin:extended or an EM-format YAML file")
     api_arg(p, "--samples", fn, "n_samples", help="samples per prompt")

@@ -71,7 +71,7 @@ def generation_args(p: argparse.ArgumentParser, fn: Any) -> None:
 
 
 def _sweep_options(p: argparse.ArgumentParser, steer: bool) -> None:
-    model_args(p)
+    model_args(p, engine=True)
     p.add_argument("--direction", required=True, help="direction folder")
     p.add_argument("--layers", default=None, help="steer: default the direction's best layer; ablate: all")
     if steer:

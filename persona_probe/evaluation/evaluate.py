@@ -83,6 +83,7 @@ def evaluate(
     progress: bool = True,
     gold_judge: str | Judge | None = None,
     gold_frac: float = 0.1,
+    engine: Any = None,
 ) -> EvalResult:
     """Sample `n_samples` answers per question (paraphrase) and judge them.
 
@@ -90,6 +91,7 @@ def evaluate(
     turns); `interventions` steer/ablate during sampling; `records` replaces the question records
     entirely (ICL and trigger experiments build their own). With `gold_judge`, a strong judge also scores a
     seeded random `gold_frac` of the answers and the summary gets a prediction-powered EM estimate.
+    `engine`: "hf", "vllm" or an engine object; None = `handle.engine` (README 'Engines').
     """
     if gold_judge is not None and not 0 < gold_frac <= 1:
         raise PersonaProbeError(f"gold_frac must be in (0, 1], not {gold_frac}")
@@ -100,7 +102,7 @@ def evaluate(
         raise PersonaProbeError("no questions to evaluate: the question set is empty")
     samples = generate(handle, recs, n_samples=n_samples, max_new_tokens=max_new_tokens, temperature=temperature,
                        seed=seed, batch_size=batch_size, backend=backend, interventions=interventions,
-                       progress=progress, desc="answers")
+                       progress=progress, desc="answers", engine=engine)
     rows = [_row(s) for s in samples]
     if out:  # the answers are on disk before any judge runs: a judge failure never costs the sampling
         (Path(out) / PARTIAL).unlink(missing_ok=True)  # judged chunks of an earlier run are not these answers
@@ -113,7 +115,9 @@ def evaluate(
     summary["judge"] = j.describe()
     add_corrected(summary, rows, summary["judge"], gold)
     warn_if_unparsed(summary, judge if isinstance(judge, str) else None)
+    eng = handle.engine if engine is None else engine
     manifest = base_manifest("evaluation", model=handle.info.to_dict(), n_samples=n_samples, seed=seed,
+                             engine=eng if isinstance(eng, str) else getattr(eng, "name", type(eng).__name__),
                              temperature=temperature, max_new_tokens=max_new_tokens, system=system,
                              n_history_turns=len(history), condition=condition or {}, judge=j.describe(),
                              questions=questions if isinstance(questions, str) else [q.id for q in qs])

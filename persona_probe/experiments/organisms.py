@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from persona_probe.backends.vllm import get_vllm_engine
 from persona_probe.core.artifacts import MANIFEST, base_manifest
 from persona_probe.core.errors import PersonaProbeError
 from persona_probe.core.paths import checkpoints_dir
@@ -127,6 +128,7 @@ def organisms_experiment(
     seed: int = 0,
     device: str | None = None,
     dtype: str | None = None,
+    engine: str = "hf",
     progress: bool = True,
     log: Callable[[str], None] = lambda m: None,
 ) -> dict[str, Any]:
@@ -156,6 +158,10 @@ def organisms_experiment(
         raise PersonaProbeError(f"the model-diff direction needs at least {MIN_PER_SIDE} prompts, got {len(dps)}: "
                                 "raise diff_n_prompts")
     base = model if isinstance(model, ModelHandle) else load_model(model, device=device, dtype=dtype)
+    if not isinstance(model, ModelHandle):
+        base.engine = engine
+    if base.engine == "vllm":  # one engine with LoRA on: the base and every organism share it (adapters as requests)
+        base.engine = get_vllm_engine(base, enable_lora=True)
     ad_root = ad_root / f"{Path(base.info.model_id).name}-{base.info.fingerprint}"
     j = make_judge(judge)
     ev = {"n_samples": n_samples, "max_new_tokens": max_new_tokens, "temperature": temperature, "seed": seed,

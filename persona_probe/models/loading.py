@@ -83,6 +83,9 @@ class ModelHandle:
     model: nn.Module
     tokenizer: Any
     info: ModelInfo
+    # Sampling engine `generate` uses when none is passed: "hf" (reference), "vllm", or an engine object.
+    # On the handle so that one `--engine` flag reaches every experiment without threading a parameter.
+    engine: Any = "hf"
 
     @property
     def layers(self) -> nn.ModuleList:

@@ -375,7 +375,8 @@ def attach_adapter(base: ModelHandle, adapter: str | Path) -> ModelHandle:
     model, fp = apply_adapter(copy.deepcopy(base.model), adapter, merge=True)
     model.eval()
     model.requires_grad_(False)
-    return ModelHandle(model, base.tokenizer, replace(base.info, adapter=str(adapter), adapter_fingerprint=fp))
+    return ModelHandle(model, base.tokenizer, replace(base.info, adapter=str(adapter), adapter_fingerprint=fp),
+                       engine=base.engine)
 
 
 def matching_adapter(folder: str | Path, key: str) -> bool:

@@ -92,6 +92,7 @@ class PipelineConfig:
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     seed: int = 0
     backend: str = "hf"
+    engine: Literal["hf", "vllm"] = "hf"  # sampling engine of every stage that generates (README 'Engines')
     direction: DirectionConfig = dataclasses.field(default_factory=DirectionConfig)
     steering: SteeringConfig = dataclasses.field(default_factory=SteeringConfig)
     judge: str = "offline"

@@ -19,6 +19,7 @@ from persona_probe.core.paths import checkpoints_dir
 from persona_probe.directions.derive import load_direction
 from persona_probe.directions.workflows import persona_direction
 from persona_probe.experiments.steer import steering_sweep
+from persona_probe.backends.vllm import require_vllm
 from persona_probe.models.loading import load_model
 from persona_probe.pipeline.config import PipelineConfig, from_dict, load_config
 from persona_probe.pipeline.route_stage import run_route_stage
@@ -41,13 +42,19 @@ def run_pipeline(config: PipelineConfig | dict[str, Any] | None = None, *, out: 
     write_plotlyjs(root)  # one plotly.js for every stage page of the run (report.html itself stays one file)
     t0 = time.time()
     m = cfg.model
+    if cfg.engine == "vllm":
+        require_vllm()  # before the model loads
     handle = load_model(m.model, adapter=m.adapter, device=m.device, dtype=m.dtype)
+    handle.engine = cfg.engine
     model_key = stage_key(handle.info.fingerprint, handle.info.adapter_fingerprint, handle.info.dtype)
-    seed, backend = cfg.seed, cfg.backend
+    seed = cfg.seed
+    # the engine joins the stage keys only when not the default, so existing hf runs keep their cache
+    backend = cfg.backend
+    kb = backend if cfg.engine == "hf" else f"{backend}+{cfg.engine}"
     dcfg, scfg = cfg.direction, cfg.steering
     timings: dict[str, float] = {}
 
-    k_dir = stage_key(model_key, dataclasses.asdict(dcfg), seed, backend)
+    k_dir = stage_key(model_key, dataclasses.asdict(dcfg), seed, kb)
     st = Stage(root, "direction", k_dir, log)
     t = time.time()
     st.run(lambda f: persona_direction(
@@ -57,7 +64,7 @@ def run_pipeline(config: PipelineConfig | dict[str, Any] | None = None, *, out: 
     timings["direction"] = time.time() - t
     direction = load_direction(st.folder)
 
-    k_steer = stage_key(k_dir, dataclasses.asdict(scfg), cfg.judge, seed, backend)
+    k_steer = stage_key(k_dir, dataclasses.asdict(scfg), cfg.judge, seed, kb)
     st_s = Stage(root, "steering", k_steer, log)
     t = time.time()
     qs = as_questions(scfg.questions, limit=scfg.questions_limit)
