@@ -8,12 +8,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from persona_probe.backends.vllm import require_vllm
 from persona_probe.cli import common
 from persona_probe.cli.args import Command, Options, api_arg, api_default, csv
 from persona_probe.cli.common import model_args, out_or_default, rounded, split_csv
 from persona_probe.core.errors import PersonaProbeError
 from persona_probe.experiments.organisms import organisms_experiment
-from persona_probe.backends.vllm import require_vllm
 from persona_probe.models.loading import load_model
 from persona_probe.organisms import (
     AUTO_MAX_LEN_CAP,

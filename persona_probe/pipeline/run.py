@@ -14,12 +14,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from persona_probe.backends.vllm import require_vllm
 from persona_probe.core.artifacts import base_manifest
 from persona_probe.core.paths import checkpoints_dir
 from persona_probe.directions.derive import load_direction
 from persona_probe.directions.workflows import persona_direction
 from persona_probe.experiments.steer import steering_sweep
-from persona_probe.backends.vllm import require_vllm
 from persona_probe.models.loading import load_model
 from persona_probe.pipeline.config import PipelineConfig, from_dict, load_config
 from persona_probe.pipeline.route_stage import run_route_stage
