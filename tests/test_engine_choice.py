@@ -83,3 +83,18 @@ def test_pipeline_engine_key_validated():
     assert from_dict({"engine": "vllm"}).engine == "vllm"
     with pytest.raises(PersonaProbeError, match="engine"):
         from_dict({"engine": "tgi"})
+
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["eval", "--judge", "bogus"], "unknown judge 'bogus'"),
+    (["eval", "--judge", "offline:/nope"], "not a fitted offline judge"),
+    (["organisms", "--judge", "bogus"], "unknown judge 'bogus'"),
+    (["extract", "--prompts", "builtin:questions", "--layers", "1x"], "bad layer '1x'"),
+    (["eval", "--engine", "vllm", "--backend", "nnsight"], "vllm" if not HAS_VLLM else "--backend nnsight applies"),
+])
+def test_common_checks_run_before_the_model_loads(argv, says, monkeypatch, capsys):
+    monkeypatch.setattr(common, "load_model", lambda *a, **k: pytest.fail("model loaded before the checks"))
+    rc = main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc != 0 and len(err) == 1 and says.lower() in err[0].lower(), err

@@ -99,10 +99,11 @@ def generate(
         raise PersonaProbeError(f"--samples must be >= 1, got {n_samples}")
     # a layer the model lacks, a vector of the wrong width: one-line errors before any sampling
     check_interventions(interventions, handle.n_layers, handle.d_model, handle.device, handle.dtype)
-    eng = resolve_engine(handle.engine if engine is None else engine, handle)  # None: the handle's engine
-    if eng is not None and backend != "hf":
-        raise PersonaProbeError(f"backend {backend!r} applies to the hf engine only: the {eng.name} engine hooks "
-                                "its own model")
+    chosen = handle.engine if engine is None else engine  # None: the handle's engine
+    if chosen != "hf" and backend != "hf":  # checked before a vLLM engine is built
+        raise PersonaProbeError(f"backend {backend!r} applies to the hf engine only: the {getattr(chosen, 'name', chosen)} "
+                                "engine hooks its own model")
+    eng = resolve_engine(chosen, handle)
     tok = handle.tokenizer
     expanded = [(r, s) for r in records for s in range(n_samples)]
     toks = [tokenize_record(tok, replace(r, assistant=None)) for r, _ in expanded]

@@ -10,8 +10,12 @@ import re
 from pathlib import Path
 from typing import Any
 
-from persona_probe.backends.vllm import require_vllm
+from persona_probe.backends.vllm import VLLMOptions, get_vllm_engine, require_vllm
+from persona_probe.cli.args import dataclass_args, dataclass_from_args
+from persona_probe.core.errors import PersonaProbeError
+from persona_probe.core.layers import parse_layers
 from persona_probe.core.paths import checkpoints_dir
+from persona_probe.evaluation.judging import check_judge_spec
 from persona_probe.models.loading import ModelHandle, load_model
 
 # ---- CLI defaults that differ from the API on purpose (one place each; the API default is in the comment)
@@ -26,6 +30,29 @@ BACKEND_HELP = "hf | transformer_lens | nnsight"
 
 
 ENGINES = ("hf", "vllm")
+VLLM_CLI_OPTIONS = ("tensor_parallel_size", "gpu_memory_utilization", "max_model_len")  # the rest: Python API
+
+
+def check_layer_syntax(spec: str | None) -> None:
+    """A bad --layers spelling fails before the model loads (the range is checked once the model is known)."""
+    if spec and spec != "all":
+        parse_layers(spec, 1 << 30)
+
+
+def check_before_load(args: argparse.Namespace) -> None:
+    """What every model command can check before the model loads: engine and its backend, judge, layer spelling."""
+    engine = getattr(args, "engine", "hf") or "hf"
+    if engine == "vllm":
+        require_vllm()
+        if getattr(args, "backend", "hf") not in (None, "hf"):
+            raise PersonaProbeError(f"--backend {args.backend} applies to --engine hf only: the vllm engine hooks its "
+                                    "own model (drop --backend or use --engine hf)")
+    judge = getattr(args, "judge", None)
+    if isinstance(judge, str) and judge != "none":
+        check_judge_spec(judge)
+    layers = getattr(args, "layers", None)
+    if isinstance(layers, str):
+        check_layer_syntax(layers)
 
 
 def model_args(p: argparse.ArgumentParser, *, adapter: bool = True, revision: bool = True, engine: bool = False) -> None:
@@ -41,6 +68,8 @@ def model_args(p: argparse.ArgumentParser, *, adapter: bool = True, revision: bo
         p.add_argument("--engine", default="hf", choices=ENGINES,
                        help="sampling engine: hf (reference) or vllm (serving speed; needs the vllm extra, README "
                             "'Engines'); interventions act on the same residual stream in both")
+        dataclass_args(p, VLLMOptions, flags={f: "--vllm-" + f.replace("_", "-") for f in VLLM_CLI_OPTIONS},
+                       skip=[f for f in VLLMOptions.__dataclass_fields__ if f not in VLLM_CLI_OPTIONS])
 
 
 def force_arg(p: argparse.ArgumentParser, what: str = "a direction") -> None:
@@ -53,12 +82,14 @@ def load_handle(args: argparse.Namespace) -> ModelHandle:
     """The model named by the model_args options. Commands call it as `common.load_handle(args)` (looked up
     at call time) so tests can substitute an already loaded model. `--engine vllm` without vLLM fails here,
     before the model loads."""
+    check_before_load(args)
     engine = getattr(args, "engine", "hf") or "hf"
-    if engine == "vllm":
-        require_vllm()
     h = load_model(args.model, adapter=getattr(args, "adapter", None), device=args.device, dtype=args.dtype,
                    revision=getattr(args, "revision", None))
     h.engine = engine
+    opts = dataclass_from_args(VLLMOptions, args) if hasattr(args, VLLM_CLI_OPTIONS[0]) else None
+    if engine == "vllm" and opts is not None and opts != VLLMOptions():  # else built on first use, with defaults
+        h.engine = get_vllm_engine(h, opts)
     return h
 
 

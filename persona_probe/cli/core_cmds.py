@@ -15,7 +15,6 @@ from persona_probe.cli import common
 from persona_probe.cli.args import Command, Options, api_arg
 from persona_probe.cli.common import BACKEND_HELP, default_out, force_arg, model_args, out_or_default
 from persona_probe.core.errors import PersonaProbeError
-from persona_probe.core.layers import parse_layers
 from persona_probe.directions.derive import derive, load_direction
 from persona_probe.directions.monitor import compare_directions, parse_direction_spec, project_prompts
 from persona_probe.directions.workflows import default_direction_dir, model_diff_direction, persona_direction
@@ -61,10 +60,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_layer_syntax(spec: str | None) -> None:
-    """A bad --layers spelling fails before the model loads (the range is checked once the model is known)."""
-    if spec and spec != "all":
-        parse_layers(spec, 1 << 30)
+_check_layer_syntax = common.check_layer_syntax
 
 
 def _check_direction_args(args: argparse.Namespace) -> Any:

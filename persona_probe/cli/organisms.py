@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from persona_probe.backends.vllm import require_vllm
 from persona_probe.cli import common
 from persona_probe.cli.args import Command, Options, api_arg, api_default, csv
 from persona_probe.cli.common import model_args, out_or_default, rounded, split_csv
@@ -72,8 +71,7 @@ def cmd_organisms(args: argparse.Namespace) -> int:
     data = _variant_files(args)
     inputs = list(dict.fromkeys(str(f) for f in data.values())) if data else [args.domains, args.data_dir]
     out = out_or_default(args.out, "organisms", *inputs, args.model, f"lr{args.lr:g}")
-    if args.engine == "vllm":
-        require_vllm()  # before the model loads
+    common.check_before_load(args)  # engine, judge, layers: before the model loads
     res = organisms_experiment(
         args.model, split_csv(args.domains), split_csv(args.variants), data=data, data_dir=args.data_dir,
         out=out, adapters_dir=args.adapters_dir, finetune_kwargs=ft_kw, trigger=args.trigger, n_samples=args.samples, max_new_tokens=args.max_new_tokens,

@@ -158,7 +158,7 @@ def organisms_experiment(
         raise PersonaProbeError(f"the model-diff direction needs at least {MIN_PER_SIDE} prompts, got {len(dps)}: "
                                 "raise diff_n_prompts")
     base = model if isinstance(model, ModelHandle) else load_model(model, device=device, dtype=dtype)
-    if not isinstance(model, ModelHandle):
+    if not isinstance(model, ModelHandle) or engine != "hf":
         base.engine = engine
     if base.engine == "vllm":  # one engine with LoRA on: the base and every organism share it (adapters as requests)
         base.engine = get_vllm_engine(base, enable_lora=True)
