@@ -11,6 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from cli_checks import fails_fast
 
 import persona_probe.organisms as O
 from persona_probe import PersonaProbeError
@@ -156,35 +157,25 @@ def no_model(monkeypatch):
         monkeypatch.setattr(f"{where}.load_model", boom)
 
 
-def _fails_fast(argv, capsys, *needles):
-    t0 = time.perf_counter()
-    assert main(argv) == 2
-    assert time.perf_counter() - t0 < 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1, err
-    for n in needles:
-        assert n in err, err
-
-
 def test_bad_fine_tuning_input_fails_before_the_model_loads(tmp_path, capsys, no_model):
     good = _medical(tmp_path / "good.jsonl")
     noans = _write(tmp_path / "noans.jsonl", [_msgs("q1?", "a1"), {"messages": [{"role": "user", "content": "q2?"}]}])
-    _fails_fast(["finetune", "--data", str(noans), "--out", str(tmp_path / "o")], capsys,
+    fails_fast(["finetune", "--data", str(noans), "--out", str(tmp_path / "o")], capsys,
                 f"{noans}:2: no assistant turn", "field 'messages'", "assistant")
     builtin_fmt = _write(tmp_path / "health.jsonl", [{"id": "h1", "user": "q?", "character": "evil"}])
-    _fails_fast(["finetune", "--data", str(builtin_fmt)], capsys, f"{builtin_fmt}:1", "--data-dir")
+    fails_fast(["finetune", "--data", str(builtin_fmt)], capsys, f"{builtin_fmt}:1", "--data-dir")
     with pytest.raises(SystemExit):
         main(["finetune", "--data", str(good), "--max-len", "lots"])
     assert "'auto'" in capsys.readouterr().err
     org = ["organisms", "--out", str(tmp_path / "exp")]
-    _fails_fast(org + ["--data", f"character={good}", f"character={noans}"], capsys, "'character' is named twice")
-    _fails_fast(org + ["--data", f"character={tmp_path / 'gone.jsonl'}"], capsys, "gone.jsonl does not exist")
-    _fails_fast(org + ["--data", f"character={noans}"], capsys, f"{noans}:2: no assistant turn")
-    _fails_fast(org + ["--data", f"character={good}", "--data-dir", str(tmp_path)], capsys, "exclude each other")
-    _fails_fast(org + ["--data", f"character={good}", "--variants", "aligned"], capsys, "drop --variants")
+    fails_fast(org + ["--data", f"character={good}", f"character={noans}"], capsys, "'character' is named twice")
+    fails_fast(org + ["--data", f"character={tmp_path / 'gone.jsonl'}"], capsys, "gone.jsonl does not exist")
+    fails_fast(org + ["--data", f"character={noans}"], capsys, f"{noans}:2: no assistant turn")
+    fails_fast(org + ["--data", f"character={good}", "--data-dir", str(tmp_path)], capsys, "exclude each other")
+    fails_fast(org + ["--data", f"character={good}", "--variants", "aligned"], capsys, "drop --variants")
     one_q = _write(tmp_path / "one.jsonl", [_msgs("Same?", "a"), _msgs("Same?", "b")])
-    _fails_fast(org + ["--data", f"character={one_q}"], capsys, "1 distinct question")
-    _fails_fast(org + ["--data-dir", str(tmp_path), "--domains", "health", "--variants", "aligned"], capsys,
+    fails_fast(org + ["--data", f"character={one_q}"], capsys, "1 distinct question")
+    fails_fast(org + ["--data-dir", str(tmp_path), "--domains", "health", "--variants", "aligned"], capsys,
                 "health.jsonl:1: missing non-empty aligned")
     # the same inputs, valid, get as far as loading the model (and no further here), fast
     for argv in (org + ["--data", f"character={good}"],

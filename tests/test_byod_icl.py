@@ -5,10 +5,10 @@ model loads."""
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 import torch
+from cli_checks import fails_fast
 
 from persona_probe import PersonaProbeError
 from persona_probe.cli import common
@@ -136,30 +136,20 @@ def direction_dir(tmp_path, smol):
     return d.save(tmp_path / "dir")
 
 
-def _fails_fast(argv, capsys, *needles):
-    t0 = time.perf_counter()
-    assert main(argv) == 2
-    assert time.perf_counter() - t0 < 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1, err
-    for n in needles:
-        assert n in err, err
-
-
 def test_icl_bad_input_fails_before_the_model_loads(tmp_path, capsys, never_load, direction_dir):
     ex = _messages_file(tmp_path / "ex.jsonl")
     base = ["icl", "--direction", str(direction_dir), "--examples", str(ex), "--out", str(tmp_path / "o")]
-    _fails_fast(base + ["--instructions", "none,loud"], capsys, "loud", "known are none, safety, context")
+    fails_fast(base + ["--instructions", "none,loud"], capsys, "loud", "known are none, safety, context")
     f = tmp_path / "instr.yaml"
     f.write_text("roleplay: hi\n")
-    _fails_fast(base + ["--instruction-file", str(f), "--variants", "roleplay,other"], capsys,
+    fails_fast(base + ["--instruction-file", str(f), "--variants", "roleplay,other"], capsys,
                 "other", "roleplay")
-    _fails_fast(base + ["--instruction-file", str(tmp_path / "none.yaml")], capsys, "none.yaml", "does not exist")
-    _fails_fast(base[:4] + [str(tmp_path / "missing.jsonl")], capsys, "missing.jsonl", "does not exist")
-    _fails_fast(base + ["--ks", "0,9"], capsys, "k=9", "only 6 examples")
-    _fails_fast(base + ["--ks", "0,two"], capsys, "--ks")
-    _fails_fast(base + ["--questions", str(tmp_path / "nope.yaml")], capsys, "nope.yaml")
-    _fails_fast(["icl", "--direction", str(tmp_path / "no-dir"), "--examples", str(ex), "--ks", "0,2"], capsys,
+    fails_fast(base + ["--instruction-file", str(tmp_path / "none.yaml")], capsys, "none.yaml", "does not exist")
+    fails_fast(base[:4] + [str(tmp_path / "missing.jsonl")], capsys, "missing.jsonl", "does not exist")
+    fails_fast(base + ["--ks", "0,9"], capsys, "k=9", "only 6 examples")
+    fails_fast(base + ["--ks", "0,two"], capsys, "--ks")
+    fails_fast(base + ["--questions", str(tmp_path / "nope.yaml")], capsys, "nope.yaml")
+    fails_fast(["icl", "--direction", str(tmp_path / "no-dir"), "--examples", str(ex), "--ks", "0,2"], capsys,
                 "no-dir")
 
 
