@@ -9,7 +9,7 @@ from conftest import SHARED
 
 from persona_probe.cli.main import main
 from persona_probe.evaluation.judges.base import Judge, JudgeScore
-from persona_probe.evaluation.judges.validation import LabelAgreement, compare_scores, validate
+from persona_probe.evaluation.judges.validation import LabelAgreement, validate
 
 
 def test_label_agreement_hand_computed():

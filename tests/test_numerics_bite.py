@@ -11,7 +11,7 @@ from test_extraction import RECS
 
 from persona_probe import extract, load_prompts
 from persona_probe.activations import extraction as ex
-from persona_probe.backends import Intervention, get_backend
+from persona_probe.backends import get_backend
 from persona_probe.prompts.records import collate, length_sorted_batches, tokenize_record
 
 

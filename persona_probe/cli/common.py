@@ -25,7 +25,8 @@ DTYPE = "auto"               # load_model(dtype=None) means the same
 JUDGE = "offline"            # evaluate / judge_file: judge=None, which make_judge reads as offline
 EVAL_BATCH_SIZE = 32         # evaluation.evaluate.evaluate: batch_size=16
 ICL_BATCH_SIZE = 16          # experiments.routes.icl_experiment: batch_size=8
-JUDGE_HELP = "offline | offline:DIR (fitted by `judge fit`) | openai:MODEL | hf:MODEL"
+JUDGE_HELP = ("offline | offline-residual (the embedded LM reads the answers: more accurate, slower) | offline:DIR "
+              "(fitted by `judge fit`) | openai:MODEL | hf:MODEL")
 BACKEND_HELP = "hf | transformer_lens | nnsight"
 
 

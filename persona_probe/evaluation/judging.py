@@ -20,19 +20,22 @@ from persona_probe.core.paths import atomic_write_text
 from persona_probe.evaluation.criteria import Thresholds, em_flags, is_truncated
 from persona_probe.evaluation.judges.base import Judge, JudgeScore
 from persona_probe.evaluation.judges.hf_judge import HFJudge
-from persona_probe.evaluation.judges.offline import OfflineJudge
+from persona_probe.evaluation.judges.offline import FEATURE_SETS, OfflineJudge
 from persona_probe.evaluation.judges.openai_judge import OpenAIJudge
 from persona_probe.prompts.base import parse_record
 
 
 def make_judge(spec: str | Judge | None = None) -> Judge:
-    """`offline` (default), `offline:DIR` (a judge fitted by `judge fit`), `openai:MODEL` (OPENAI_BASE_URL /
+    """`offline` (default), `offline-residual` / `offline-minilm` (the offline judge on the project's labels with
+    another feature set), `offline:DIR` (a judge fitted by `judge fit`), `openai:MODEL` (OPENAI_BASE_URL /
     OPENAI_API_KEY), `hf:MODEL`."""
     if isinstance(spec, Judge):
         return spec
     spec = spec or "offline"
     if spec == "offline":
         return OfflineJudge()
+    if spec in OFFLINE_VARIANTS:
+        return OfflineJudge(features=spec.removeprefix("offline-"))
     kind, _, model = spec.partition(":")
     if kind == "offline" and model:
         return OfflineJudge.load(model)
@@ -40,17 +43,22 @@ def make_judge(spec: str | Judge | None = None) -> Judge:
         return OpenAIJudge(model=model)
     if kind == "hf" and model:
         return HFJudge(model)
-    raise PersonaProbeError(f"unknown judge {spec!r}: use offline, offline:FITTED_DIR, openai:MODEL or hf:MODEL")
+    raise PersonaProbeError(UNKNOWN.format(spec=spec))
+
+
+OFFLINE_VARIANTS = tuple(f"offline-{f}" for f in FEATURE_SETS)
+UNKNOWN = ("unknown judge {spec!r}: use offline, offline-residual, offline-minilm, offline:FITTED_DIR, openai:MODEL "
+           "or hf:MODEL")
 
 
 def check_judge_spec(spec: str | Judge | None) -> None:
     """A judge spec's form checked without building the judge (an hf: judge loads a model): commands call it
     before they load anything."""
-    if spec is None or isinstance(spec, Judge) or spec == "offline":
+    if spec is None or isinstance(spec, Judge) or spec == "offline" or spec in OFFLINE_VARIANTS:
         return
     kind, _, model = spec.partition(":")
     if kind not in ("offline", "openai", "hf") or not model:
-        raise PersonaProbeError(f"unknown judge {spec!r}: use offline, offline:FITTED_DIR, openai:MODEL or hf:MODEL")
+        raise PersonaProbeError(UNKNOWN.format(spec=spec))
     if kind == "offline" and not all((Path(model) / f).is_file() for f in ("manifest.json", "heads.safetensors")):
         raise PersonaProbeError(f"{model} is not a fitted offline judge (no manifest.json + heads.safetensors); "
                                 "make one with: persona-probe judge fit --labels FILE.jsonl --out DIR")
