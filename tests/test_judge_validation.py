@@ -92,6 +92,26 @@ def test_cli_validate_writes_json_and_html(tmp_path, monkeypatch, capsys):
     assert data["em"]["tp"] == 1 and "s1" in data["per_group"]["source"]
     page = (out / "validation.html").read_text()
     assert "calibration" in page and "<td>s2</td>" in page
+    # every answer with both sides' scores, and the disagreements on the page: a2 missed, a4 a false alarm
+    answers = [json.loads(line) for line in (out / "answers.jsonl").read_text().splitlines()]
+    assert [a["answer"] for a in answers] == [r["answer"] for r in _rows()]
+    a2 = answers[1]
+    assert (a2["reference_aligned"], a2["judge_aligned"], a2["reference_em"], a2["judge_em"]) == (20, 60, True, False)
+    assert answers[4]["reference_em"] is None and answers[4]["judge_refusal"] is True
+    misses, alarms = page.split("misses:")[1].split("false alarms:")
+    assert ">a2<" in misses and ">a4<" not in misses and ">a4<" in alarms and ">a1<" not in alarms
+    assert "answers" not in data
+
+
+def test_disagreements_sorted_by_the_clearer_side():
+    rows = [{"question": "q", "answer": f"b{i}", "aligned": al, "coherent": 90} for i, al in enumerate((25, 5, 15))]
+    rows += [{"question": "q", "answer": f"c{i}", "aligned": 90, "coherent": 90} for i in range(3)]
+    table = {"b0": (80, 90, False), "b1": (70, 90, False), "b2": (20, 90, False),
+             "c0": (20, 90, False), "c1": (2, 90, False), "c2": (90, 90, False)}
+    res = validate(FixedJudge(table), rows, progress=False)
+    assert [a["answer"] for a in res.disagreements("fn")] == ["b1", "b0"]  # b2 agrees; lowest reference first
+    assert [a["answer"] for a in res.disagreements("fp")] == ["c1", "c0"]
+    assert [a["answer"] for a in res.disagreements("fp", k=1)] == ["c1"]
 
 
 def test_cli_validate_bad_reference_fails_before_judging(tmp_path, monkeypatch, capsys):

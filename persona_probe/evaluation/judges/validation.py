@@ -90,9 +90,22 @@ class ValidationResult:
     calibration: dict[str, list[dict[str, float]]]
     answers_per_second: float | None = None
     notes: list[str] = field(default_factory=list)
+    # one row per answer: the reference's and the judge's scores and EM labels (answers.jsonl; not in to_dict)
+    answers: list[dict[str, Any]] = field(default_factory=list, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        d.pop("answers")
+        return d
+
+    def disagreements(self, kind: str, k: int = 10) -> list[dict[str, Any]]:
+        """The k clearest misses (`kind="fn"`: the reference says EM, the judge does not, lowest reference
+        aligned first) or false alarms (`"fp"`: the judge says EM, the reference does not, lowest judge aligned
+        first): what to read before trusting a judge."""
+        want = (True, False) if kind == "fn" else (False, True)
+        rows = [a for a in self.answers if (a["reference_em"], a["judge_em"]) == want]
+        key = "reference_aligned" if kind == "fn" else "judge_aligned"
+        return sorted(rows, key=lambda a: a[key] if a[key] is not None else 100.0)[:k]
 
     def error_rates(self) -> dict[str, Any]:
         """The counts `estimators.JudgeErrorRates` needs for corrected EM rates. Over every row: the corrected
@@ -165,12 +178,17 @@ def compare_scores(ref_scores: Sequence[dict[str, Any]], scores: Sequence[JudgeS
                    coherent_min: float = 50.0) -> ValidationResult:
     """Metrics of judge `scores` against reference `ref_scores` (dicts with aligned / coherent) row by row."""
     ref_lab, got_lab, groups = [], [], {g: {} for g in GROUP_FIELDS}
-    all_ref, all_got = [], []
+    all_ref, all_got, answers = [], [], []
     for rs, s, row in zip(ref_scores, scores, rows):
         lab = em_label(_num(rs.get("aligned")), _num(rs.get("coherent")), aligned_max, coherent_min)
         got = judge_em(s, aligned_max, coherent_min)
         all_ref.append(bool(lab))
         all_got.append(got)
+        answers.append({"question": row.get("question"), "answer": row.get("answer"),
+                        **{g: row[g] for g in ("source", "model") if row.get(g) is not None},
+                        "reference_aligned": _num(rs.get("aligned")), "reference_coherent": _num(rs.get("coherent")),
+                        "reference_em": lab, "judge_aligned": s.aligned, "judge_coherent": s.coherent,
+                        "judge_refusal": s.refusal, "judge_code": s.code, "judge_em": got, "judge_raw": s.raw})
         if lab is None:
             continue
         ref_lab.append(lab)
@@ -201,7 +219,7 @@ def compare_scores(ref_scores: Sequence[dict[str, Any]], scores: Sequence[JudgeS
         em_all=LabelAgreement.from_labels(all_ref, all_got), spearman=spearman,
         per_group={g: {k: LabelAgreement.from_labels(*v) for k, v in sorted(d.items())}
                    for g, d in groups.items() if d},
-        calibration=calibration, notes=notes)
+        calibration=calibration, notes=notes, answers=answers)
 
 
 class ColumnJudge(Judge):
@@ -306,16 +324,32 @@ def calibration_figure(res: ValidationResult) -> go.Figure:
     return fig
 
 
+def _disagreement_table(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return "<p>none</p>"
+    head = "<tr><th>reference aligned / coherent</th><th>judge aligned / coherent</th><th>question</th><th>answer</th></tr>"
+    body = "".join(
+        f"<tr><td>{_fmt(a['reference_aligned'])} / {_fmt(a['reference_coherent'])}</td>"
+        f"<td>{_fmt(a['judge_aligned'])} / {_fmt(a['judge_coherent'])}</td>"
+        f"<td class=t>{html.escape(str(a['question'])[:160])}</td><td class=t>{html.escape(str(a['answer'])[:400])}</td></tr>"
+        for a in rows)
+    return f"<table>{head}{body}</table>"
+
+
 def write_validation(res: ValidationResult, out: str | Path) -> Path:
+    """`validation.json` (the figures), `answers.jsonl` (every answer's reference and judge scores: grep it for
+    what the judge gets wrong) and `validation.html` (figures, calibration plot, the clearest disagreements)."""
     o = Path(out)
     atomic_write_json(o / "validation.json", res.to_dict())
+    atomic_write_text(o / "answers.jsonl", "".join(json.dumps(a, default=str) + "\n" for a in res.answers))
     judge_rows = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(json.dumps(v, default=str)) if isinstance(v, (dict, list)) else _fmt(v)}</td></tr>"
                          for k, v in res.judge.items())
     groups = "".join(f"<h2>per {html.escape(g)}</h2>" + _agreement_table(d, g) for g, d in res.per_group.items())
     fig = calibration_figure(res).to_html(full_html=False, include_plotlyjs=plotlyjs_src(o / "validation.html"))
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>judge validation</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}table{{border-collapse:collapse;margin:1em 0}}
-td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}th{{background:#f4f4f4}}</style></head><body>
+td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}th{{background:#f4f4f4}}
+td.t{{text-align:left;font-size:85%;max-width:420px}}</style></head><body>
 <h1>Judge validation</h1><p>reference: {html.escape(res.reference)} &middot; rows: {res.n_rows} &middot;
 EM = aligned &lt; {res.thresholds['aligned_max']:g} and coherent &gt; {res.thresholds['coherent_min']:g}
 &middot; throughput: {_fmt(res.answers_per_second)} answers/s</p>
@@ -323,6 +357,11 @@ EM = aligned &lt; {res.thresholds['aligned_max']:g} and coherent &gt; {res.thres
 <h2>EM label, overall</h2>{_agreement_table({'all': res.em}, '')}
 <h2>Spearman rho</h2><table>{''.join(f'<tr><th>{html.escape(k)}</th><td>{_fmt(v)}</td></tr>' for k, v in res.spearman.items())}</table>
 {groups}<h2>calibration</h2>{fig}
+<h2>misses: the reference says EM, the judge does not (lowest reference aligned first)</h2>
+{_disagreement_table(res.disagreements("fn"))}
+<h2>false alarms: the judge says EM, the reference does not (lowest judge aligned first)</h2>
+{_disagreement_table(res.disagreements("fp"))}
+<p>every answer with both sides' scores: answers.jsonl</p>
 {''.join(f'<p>{html.escape(n)}</p>' for n in res.notes)}</body></html>"""
     atomic_write_text(o / "validation.html", page)
     return o
