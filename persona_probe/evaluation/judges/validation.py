@@ -327,11 +327,13 @@ def calibration_figure(res: ValidationResult) -> go.Figure:
 def _disagreement_table(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return "<p>none</p>"
-    head = "<tr><th>reference aligned / coherent</th><th>judge aligned / coherent</th><th>question</th><th>answer</th></tr>"
+    head = ("<tr><th>reference aligned / coherent</th><th>judge aligned / coherent</th><th>question</th>"
+            "<th>answer</th></tr>")
     body = "".join(
         f"<tr><td>{_fmt(a['reference_aligned'])} / {_fmt(a['reference_coherent'])}</td>"
         f"<td>{_fmt(a['judge_aligned'])} / {_fmt(a['judge_coherent'])}</td>"
-        f"<td class=t>{html.escape(str(a['question'])[:160])}</td><td class=t>{html.escape(str(a['answer'])[:400])}</td></tr>"
+        f"<td class=t>{html.escape(str(a['question'])[:160])}</td>"
+        f"<td class=t>{html.escape(str(a['answer'])[:400])}</td></tr>"
         for a in rows)
     return f"<table>{head}{body}</table>"
 
