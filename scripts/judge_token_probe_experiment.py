@@ -5,7 +5,7 @@ logistic heads. Here the same heads (fitted on the mean residual of persona_prob
 also applied to every answer token and the per-token logits aggregated (mean, top-k mean, max), over 128 or
 256 tokens. Measured on ../shared/reference/judged_answers.jsonl (never fitted on): all / dev (Cloakless, the
 model-selection split) / held (the other three repositories). Token residuals cached in /tmp (~1 GB);
-~8 min on 2 CPU cores.
+~8 min on 2 CPU cores. Also a non-linear (MLP) head on the same mean residual.
 
     python scripts/judge_token_probe_experiment.py
 """
@@ -110,3 +110,13 @@ for n in (128, 256):
         report(f"{how} n={n} cut 0", (zm > 0) & coh_base)
         report(f"{how} n={n} same-rate cut", (zm > cut) & coh_base)
     report(f"coherent mean n={n}", (agg(te, wm, bm, "mean-resid", 128) > 0) & (agg(te, wc, bc, "mean-resid", n) > 0))
+
+# a non-linear head on the same mean residual (does the linear head limit the judge?): an MLP, 3 seeds averaged
+from sklearn.neural_network import MLPClassifier  # noqa: E402
+
+ok = ~np.isnan(ymis)
+Xte = mean_rows(te, 128)
+p_mlp = np.mean([MLPClassifier(hidden_layer_sizes=(128,), alpha=10.0, max_iter=300, early_stopping=True,
+                               random_state=seed).fit(((Xtr - mu) / sd)[ok], ymis[ok])
+                 .predict_proba((Xte - mu) / sd)[:, 1] for seed in range(3)], axis=0)
+report("MLP head (128 hidden), n=128", (p_mlp > 0.5) & coh_base)
