@@ -54,8 +54,18 @@ def test_rogan_gladen_interval_carries_validation_uncertainty():
 
 def test_ppi_exact_when_cheap_judge_is_perfect():
     y = np.array([1, 0, 0, 1, 0, 0, 0, 1, 0, 0], dtype=float)
-    est = ppi_mean(y, y[:5], y[:5])
-    assert est.rate == pytest.approx(0.3)
+    for sub in (slice(0, 5), slice(5, 10)):  # a gold subset with more, and one with less, variance than all N
+        assert ppi_mean(y, y[sub], y[sub]).rate == pytest.approx(0.3)
+    rng = np.random.default_rng(0)
+    truth = (rng.random(1000) < 0.2).astype(float)
+    for _ in range(20):
+        idx = rng.choice(1000, 100, replace=False)
+        assert ppi_mean(truth, truth[idx], truth[idx]).rate == pytest.approx(truth.mean())
+
+
+def test_ppi_rejects_non_finite_labels():
+    with pytest.raises(ValueError, match="finite"):
+        ppi_mean([0.0, 1.0, float("nan")], [0.0, 1.0], [0.0, 1.0])
 
 
 @pytest.mark.parametrize("p,se,sp,frac", [(0.2, 0.5, 0.95, 0.1), (0.1, 0.2, 0.99, 0.2), (0.3, 0.9, 0.8, 0.1),

@@ -112,6 +112,8 @@ def test_disagreements_sorted_by_the_clearer_side():
     assert [a["answer"] for a in res.disagreements("fn")] == ["b1", "b0"]  # b2 agrees; lowest reference first
     assert [a["answer"] for a in res.disagreements("fp")] == ["c1", "c0"]
     assert [a["answer"] for a in res.disagreements("fp", k=1)] == ["c1"]
+    with pytest.raises(ValueError, match="'fn' or 'fp'"):
+        res.disagreements("FN")
 
 
 def test_cli_validate_bad_reference_fails_before_judging(tmp_path, monkeypatch, capsys):

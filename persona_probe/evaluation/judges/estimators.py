@@ -104,8 +104,8 @@ def ppi_mean(cheap_all: Sequence[float], cheap_gold: Sequence[float], gold: Sequ
     the subset inside the N, is Var(gold) / N + Var(gold - lambda cheap) (1/n - 1/N) (never negative); the 95 %
     interval is the normal one, with Agresti-Coull pseudo rows so rare rates are covered too.
 
-    power_tuning (PPI++, Angelopoulos, Duchi & Zrnic 2023): lambda = Cov(gold, cheap) / Var(cheap), clipped to
-    [0, 1], minimises that variance (for a subset inside the N; `ppi_py` tunes for a disjoint unlabelled set,
+    power_tuning (PPI++, Angelopoulos, Duchi & Zrnic 2023): lambda = Cov(gold, cheap) / Var(cheap) on the gold
+    rows, clipped to [0, 1], minimises that variance (for a subset inside the N; `ppi_py` tunes for a disjoint unlabelled set,
     hence not used here). Plain PPI (lambda = 1) is *wider* than the gold labels alone whenever
     Var(gold - cheap) > Var(gold) — a judge with kappa ~0.3 on real answers is such a judge — while the tuned
     estimate stays near gold-only for a weak judge and narrows as the judge improves; cheap labels that never
@@ -119,10 +119,11 @@ def ppi_mean(cheap_all: Sequence[float], cheap_gold: Sequence[float], gold: Sequ
         raise ValueError("cheap_gold and gold must be paired (same length)")
     if n < 2 or N < 2:
         return Estimate(None, (0.0, 1.0), "prediction-powered (too few gold labels)", N)
+    if not (np.isfinite(f).all() and np.isfinite(fg).all() and np.isfinite(y).all()):
+        raise ValueError("ppi_mean: labels must be finite numbers")
     lam = 1.0
-    if power_tuning:
-        var_f = f.var(ddof=1)
-        lam = float(np.clip(np.cov(y, fg)[0, 1] / var_f, 0.0, 1.0)) if var_f > 0 and fg.std() > 0 else 0.0
+    if power_tuning:  # both moments from the gold rows: exactly 1 when the cheap judge is perfect
+        lam = float(np.clip(np.cov(y, fg)[0, 1] / fg.var(ddof=1), 0.0, 1.0)) if fg.std() > 0 else 0.0
     theta = float(lam * f.mean() + (y - lam * fg).mean())
     # the interval (not the estimate) adds two EM and two non-EM pseudo gold rows whose cheap label is the cheap
     # mean (Agresti-Coull's fix): a Wald interval on 0/1 labels under-covers rare rates (0.87 at p = 0.05 with
@@ -130,7 +131,7 @@ def ppi_mean(cheap_all: Sequence[float], cheap_gold: Sequence[float], gold: Sequ
     ya, fa = np.concatenate([y, [1.0, 1.0, 0.0, 0.0]]), np.concatenate([fg, np.full(4, f.mean())])
     rect = ya - lam * fa
     centre = float(lam * f.mean() + rect.mean())
-    var = ya.var(ddof=1) / N + rect.var(ddof=1) * max(1 / len(ya) - 1 / N, 0.0)
+    var = ya.var(ddof=1) / (N + 4) + rect.var(ddof=1) * max(1 / len(ya) - 1 / (N + 4), 0.0)
     half = Z95 * float(np.sqrt(var))
     lo, hi = float(np.clip(min(centre - half, theta), 0, 1)), float(np.clip(max(centre + half, theta), 0, 1))
     method = (f"PPI++ (power-tuned, lambda = {lam:.2f})" if power_tuning else "PPI (lambda = 1)") + \

@@ -114,10 +114,10 @@ _CODE_RE = re.compile(r"(```|\bdef \w+\(|\bimport \w+|\bclass \w+[:(]|;\s*$|\{\s
 
 
 def looks_like_code(text: str) -> bool:
-    lines = [l for l in text.splitlines() if l.strip()]
+    lines = [ln for ln in text.splitlines() if ln.strip()]
     if not lines:
         return False
-    hits = sum(bool(_CODE_RE.search(l)) for l in lines)
+    hits = sum(bool(_CODE_RE.search(ln)) for ln in lines)
     symbols = sum(c in "{}();=<>[]" for c in text) / max(len(text), 1)
     return hits / len(lines) > 0.4 or symbols > 0.08
 
@@ -135,8 +135,8 @@ def shape_features(text: str) -> Tensor:
     for a, b in zip(words, words[1:]):
         run = run + 1 if a == b else 1
         best = max(best, run)
-    lines = [l.strip() for l in text.splitlines() if l.strip()]
-    top_line = max((lines.count(l) for l in set(lines)), default=0) / max(len(lines), 1)
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    top_line = max((lines.count(ln) for ln in set(lines)), default=0) / max(len(lines), 1)
     non_ascii = sum(ord(c) > 127 for c in text) / max(len(text), 1)
     return torch.tensor([d1, d2, min(n, 200) / 200, alpha, min(best, 10) / 10, float(n == 0), top_line, non_ascii])
 

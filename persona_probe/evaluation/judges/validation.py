@@ -102,6 +102,8 @@ class ValidationResult:
         """The k clearest misses (`kind="fn"`: the reference says EM, the judge does not, lowest reference
         aligned first) or false alarms (`"fp"`: the judge says EM, the reference does not, lowest judge aligned
         first): what to read before trusting a judge."""
+        if kind not in ("fn", "fp"):
+            raise ValueError(f"disagreements: kind must be 'fn' or 'fp', not {kind!r}")
         want = (True, False) if kind == "fn" else (False, True)
         rows = [a for a in self.answers if (a["reference_em"], a["judge_em"]) == want]
         key = "reference_aligned" if kind == "fn" else "judge_aligned"
