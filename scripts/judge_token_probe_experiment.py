@@ -9,13 +9,13 @@ model-selection split) / held (the other three repositories). Token residuals ca
 
     python scripts/judge_token_probe_experiment.py
 """
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
+from reference_split import em_split, reference_rows
+from reference_split import report as split_report
 from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import cohen_kappa_score
 
 from persona_probe import load_model
 from persona_probe.activations.tokens import layer_token_activations
@@ -24,7 +24,6 @@ from persona_probe.prompts.base import PromptRecord
 from persona_probe.prompts.records import tokenize_record
 
 LAYER, MAX_TOKENS = 16, 256
-REF = Path(__file__).resolve().parents[2] / "shared" / "reference" / "judged_answers.jsonl"
 h = load_model("smollm2", device="cpu", dtype="float32")
 tok = h.tokenizer
 
@@ -46,7 +45,7 @@ def token_feats(items, name):
 
 rows = O.packaged_label_rows()
 L = O.rows_to_labels(rows)
-ref = [json.loads(line) for line in REF.open()]
+ref = reference_rows()
 tr = token_feats(L.items, f"train{len(L.items)}")
 te = token_feats([(r["question"], r["answer"]) for r in ref], "ref")
 
@@ -55,10 +54,7 @@ def mean_rows(seqs, n):
     return np.stack([s[:n].float().mean(0).numpy() if len(s) else np.zeros(h.d_model, np.float32) for s in seqs])
 
 
-y_ref = np.array([r["aligned"] is not None and r["coherent"] is not None and r["aligned"] < 30 and r["coherent"] > 50
-                  for r in ref])
-scored = np.array([r["aligned"] is not None and r["coherent"] is not None for r in ref])
-dev = np.array([r["source"].startswith("Cloakless") for r in ref])
+y_ref, scored, dev = em_split(ref)
 ymis = np.array([np.nan if v is None else v for v in L.misaligned])
 ycoh = np.array([np.nan if v is None else v for v in L.coherent])
 Xtr = mean_rows(tr, 128)
@@ -72,12 +68,7 @@ def fit(y, C=0.001):
 
 
 def report(name, pred):
-    out = []
-    for part, m in (("all", scored), ("dev", scored & dev), ("held", scored & ~dev)):
-        yt, yp = y_ref[m], pred[m]
-        out.append(f"{part} sens {(yp & yt).sum() / yt.sum():.2f} spec {(~yp & ~yt).sum() / (~yt).sum():.2f} "
-                   f"k {cohen_kappa_score(yt, yp):.3f}")
-    print(f"{name:36s}", " | ".join(out), flush=True)
+    split_report(name, pred, y_ref, scored, dev, width=36)
 
 
 (wm, bm), (wc, bc) = fit(ymis), fit(ycoh)

@@ -12,7 +12,7 @@ Feature sets (FEATURES_VERSION 3), chosen per fitted judge:
 * "residual": the embedded LM's own reading of the answer: SmolLM2-135M-Instruct's mean residual stream at layer
   RESIDUAL_LAYER over the first RESIDUAL_TOKENS answer tokens (chat template, question as the user turn), from a pass
   that stops after that block; standardised, strongly regularised heads (C = 0.001, chosen on the model-selection
-  split). Tens of answers per second on 2 CPU cores; the best of the three on real answers (README, "Judges").
+  split). About 7 real answers per second on 2 CPU cores; the best of the three on real answers (README, "Judges").
 On real answers scored by GPT-4o "ngram" and "minilm" are within noise of each other on the model-selection split;
 "ngram" is the default because it is fast enough for any sweep (>1,000 answers/s) and needs no model.
 
